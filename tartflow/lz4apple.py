@@ -1,0 +1,260 @@
+"""Apple's framed LZ4 (``COMPRESSION_LZ4``), the compression of Tart disk layers.
+
+A stream is a sequence of blocks (TART_FORMAT.md, "Disk layer compression"):
+``bv41`` + u32 LE decoded size + u32 LE encoded size + an LZ4 *block*; ``bv4-`` + u32 LE size +
+raw bytes; ``bv4$`` ends the stream. The 64 KiB LZ4 window runs across blocks of one stream, so
+a block may copy from the output of earlier blocks, stored ones included; a block decoded on its
+own is wrong on real images. Block format: https://github.com/lz4/lz4/blob/dev/doc/lz4_Block_format.md
+"""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn, TypeAlias
+
+import lz4.block
+
+from .errors import CorruptLayerError
+
+__all__ = ["AppleLZ4Decoder", "encode", "encode_bytes"]
+
+WINDOW = 64 * 1024
+_COMPRESSED, _STORED, _END = b"bv41", b"bv4-", b"bv4$"
+_MAGICS = (_COMPRESSED, _STORED, _END)
+_U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
+_MAX_RATIO = 255  # one LZ4 input byte never expands to more than 255 output bytes
+
+Chunk: TypeAlias = "bytes | memoryview"
+
+
+def _bound(size: int) -> int:
+    """LZ4_compressBound(size) plus slack: no honest encoder emits a bigger block."""
+    return size + size // 255 + 16 + 64
+
+
+class AppleLZ4Decoder:
+    """Streaming decoder of one Apple-framed LZ4 stream that must decode to ``expected_size``.
+
+    Feed it any slices of the stream; it yields decoded chunks in order. Memory stays bounded by
+    one block (at most ``max_block_size`` decoded) plus the window plus the latest feed, whatever
+    the stream's length. Every violation of the format raises :class:`CorruptLayerError` with a
+    one-line message; after that the decoder is spent and every call raises the same error.
+    Sizes are checked from block headers before anything is allocated, so a stream can never make
+    the decoder output more than ``expected_size`` bytes nor allocate more than one block.
+    """
+
+    def __init__(self, expected_size: int, *, max_block_size: int = 64 * 1024 * 1024) -> None:
+        if expected_size < 0 or max_block_size <= 0:
+            raise ValueError("expected_size must be >= 0 and max_block_size > 0")
+        self._expected = expected_size
+        self._max_block = max_block_size
+        self._buf = bytearray()  # unconsumed input; only ever holds part of one block
+        self._offset = 0  # compressed offset of the first unconsumed byte
+        self._decoded = 0
+        self._done = False
+        self._stored_left = 0  # raw bytes still due from the current stored block
+        self._recent: deque[Chunk] = deque()  # last outputs, together covering the window
+        self._recent_len = 0
+        self._error: str | None = None
+
+    @property
+    def decoded(self) -> int:
+        """Bytes output so far."""
+        return self._decoded
+
+    @property
+    def done(self) -> bool:
+        """True once the end-of-stream marker has been seen."""
+        return self._done
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Chunk]:
+        """Consume ``data`` (any slice of the stream, split anywhere); return decoded chunks.
+
+        Chunks may be ``memoryview`` slices of ``data`` when ``data`` is immutable ``bytes``
+        (stored blocks are passed through without a copy); otherwise they are fresh ``bytes``.
+        """
+        self._check_alive()
+        mv = memoryview(data)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        out: list[Chunk] = []
+        try:
+            if not self._buf:
+                borrowed = isinstance(mv.obj, bytes)
+                end = self._parse(mv, out, borrowed)
+                self._buf += mv[end:]
+            else:
+                self._buf += mv
+                with memoryview(self._buf) as view:
+                    end = self._parse(view, out, False)
+                del self._buf[:end]  # O(1): CPython advances a bytearray's start in place
+        except CorruptLayerError:
+            self._buf = bytearray()  # a traceback may still pin views of the old buffer
+            raise
+        self._offset += end
+        return out
+
+    def finish(self) -> None:
+        """Raise :class:`CorruptLayerError` unless the stream ended exactly, and complete."""
+        self._check_alive()
+        if self._buf or self._stored_left:
+            self._fail(f"truncated block at compressed offset {self._offset}")
+        if not self._done:
+            self._fail(f"no end-of-stream marker at compressed offset {self._offset}")
+        if self._decoded != self._expected:  # unreachable: checked at the marker; kept as a guard
+            self._fail(f"decoded {self._decoded} bytes, expected {self._expected}")
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise CorruptLayerError(self._error)
+
+    def _fail(self, what: str) -> NoReturn:
+        self._error = f"disk layer is corrupt: {what}"
+        raise CorruptLayerError(self._error)
+
+    def _parse(self, src: memoryview, out: list[Chunk], borrowed: bool) -> int:
+        """Decode every complete block (and any available stored bytes) in ``src``.
+
+        Returns how many bytes of ``src`` were consumed; the rest is an incomplete block.
+        """
+        n, i = len(src), 0
+        while i < n:
+            if self._stored_left:
+                take = min(self._stored_left, n - i)
+                piece = src[i : i + take]
+                self._emit(piece if borrowed else piece.tobytes(), out)
+                self._stored_left -= take
+                i += take
+                continue
+            at = self._offset + i
+            if self._done:
+                self._fail(f"data after the end-of-stream marker at compressed offset {at}")
+            magic = src[i : i + 4].tobytes()
+            if magic not in _MAGICS:
+                if len(magic) == 4 or not b"bv4".startswith(magic):
+                    self._fail(f"bad block magic {magic!r} at compressed offset {at}")
+                break
+            if magic == _END:
+                if self._decoded != self._expected:
+                    self._fail(
+                        f"stream ends after {self._decoded} decoded bytes, expected "
+                        f"{self._expected}, at compressed offset {at}"
+                    )
+                self._done = True
+                i += 4
+            elif magic == _STORED:
+                if n - i < 8:
+                    break
+                (size,) = _U32.unpack_from(src, i + 4)
+                self._check_size(size, at)
+                self._stored_left = size
+                i += 8
+            else:
+                if n - i < 12:
+                    break
+                dsize, esize = _U32X2.unpack_from(src, i + 4)
+                self._check_size(dsize, at)
+                if esize > _bound(dsize) or dsize > _MAX_RATIO * esize:
+                    self._fail(
+                        f"block sizes {esize} encoded / {dsize} decoded are impossible for LZ4 "
+                        f"at compressed offset {at}"
+                    )
+                if n - i < 12 + esize:
+                    break
+                self._emit(self._decompress(src[i + 12 : i + 12 + esize], dsize, at), out)
+                i += 12 + esize
+        return i
+
+    def _check_size(self, size: int, at: int) -> None:
+        if size > self._max_block:
+            self._fail(f"block of {size} bytes exceeds {self._max_block} at compressed offset {at}")
+        if self._decoded + size > self._expected:
+            self._fail(
+                f"decodes to more than the expected {self._expected} bytes "
+                f"at compressed offset {at}"
+            )
+
+    def _decompress(self, block: memoryview, size: int, at: int) -> bytes:
+        try:
+            data = lz4.block.decompress(block, uncompressed_size=size, dict=self._window())
+        except lz4.block.LZ4BlockError as exc:
+            self._error = f"disk layer is corrupt: bad LZ4 block at compressed offset {at}"
+            raise CorruptLayerError(self._error) from exc
+        if len(data) != size:
+            self._fail(f"LZ4 block decodes to {len(data)} bytes, not {size}, at compressed offset {at}")
+        return data
+
+    def _emit(self, piece: Chunk, out: list[Chunk]) -> None:
+        if not piece:
+            return
+        out.append(piece)
+        self._decoded += len(piece)
+        self._recent.append(piece)
+        self._recent_len += len(piece)
+        while self._recent_len - len(self._recent[0]) >= WINDOW:
+            self._recent_len -= len(self._recent.popleft())
+
+    def _window(self) -> Chunk:
+        """The last (up to) 64 KiB of output; copies only when it spans several chunks."""
+        recent = self._recent
+        excess = max(0, self._recent_len - WINDOW)
+        if len(recent) <= 1:
+            return memoryview(recent[0])[excess:] if recent else b""
+        parts = list(recent)
+        parts[0] = memoryview(parts[0])[excess:]
+        window = b"".join(parts)
+        recent.clear()
+        recent.append(window)
+        self._recent_len = len(window)
+        return window
+
+
+def encode(
+    data: bytes | memoryview,
+    *,
+    block_size: int = 1 << 20,
+    block_sizes: Sequence[int] | None = None,
+    stored: Callable[[int], bool] | None = None,
+) -> Iterator[bytes]:
+    """Yield ``data`` as an Apple-framed LZ4 stream, one framed block per piece, then ``bv4$``.
+
+    Blocks decode to ``block_size`` bytes (the last may be shorter), or cycle through
+    ``block_sizes``. Block ``i`` is stored (``bv4-``) when ``stored(i)`` is true, or when LZ4
+    would not make it smaller. Each block is compressed against the previous 64 KiB of input,
+    so, like Apple's encoder, blocks reference earlier blocks' output.
+    """
+    sizes = itertools.cycle(block_sizes) if block_sizes else itertools.repeat(block_size)
+    mv = memoryview(data).cast("B")
+    pos, index = 0, 0
+    while pos < len(mv):
+        size = next(sizes)
+        if not 0 < size < 1 << 32:
+            raise ValueError(f"block size {size} out of range")
+        chunk = mv[pos : pos + size]
+        body = b""
+        if stored is None or not stored(index):
+            window = mv[max(0, pos - WINDOW) : pos]
+            body = lz4.block.compress(chunk, store_size=False, dict=window)
+        if body and len(body) < len(chunk):
+            yield _COMPRESSED + _U32X2.pack(len(chunk), len(body)) + body
+        else:
+            yield _STORED + _U32.pack(len(chunk)) + chunk.tobytes()
+        pos += len(chunk)
+        index += 1
+    yield _END
+
+
+def encode_bytes(
+    data: bytes | memoryview,
+    *,
+    block_size: int = 1 << 20,
+    block_sizes: Sequence[int] | None = None,
+    stored: Callable[[int], bool] | None = None,
+) -> bytes:
+    """The whole stream :func:`encode` would yield, as one ``bytes``."""
+    pieces = encode(data, block_size=block_size, block_sizes=block_sizes, stored=stored)
+    return b"".join(pieces)
