@@ -1,0 +1,148 @@
+"""Fetch one blob into the store: resumable, verified while streaming, committed only when right.
+
+A partial download survives anything (dropped connection, failed task, Ctrl+C, kill -9): the
+next attempt re-hashes the partial from disk (local, fast) and asks only for the rest with a
+Range request. A blob whose bytes do not match its descriptor is discarded and fetched again,
+at most ``RetryPolicy.max_digest_mismatches`` times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+from . import cancel
+from .errors import DigestMismatchError, RegistryError, TartflowError
+from .manifest import Descriptor
+from .progress import reporter
+from .registry.client import RegistryClient
+from .registry.retry import RetryPolicy, retrying
+from .store import Ingest, Store
+
+__all__ = ["FetchResult", "fetch_blob"]
+
+_REHASH_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What one fetch did; small and serialisable (a Prefect task result)."""
+
+    digest: str
+    size: int
+    path: str
+    fetched: int  # bytes moved over the wire by this call
+    resumed_from: int  # bytes already on disk when this call started
+    seconds: float
+
+
+def fetch_blob(
+    store: Store, client: RegistryClient, repository: str, desc: Descriptor, policy: RetryPolicy
+) -> FetchResult:
+    """Make ``desc`` a committed blob in ``store``; returns at once if it already is."""
+    started = time.monotonic()
+    if store.has_blob(desc.digest, desc.size):
+        reporter().skip(desc.size)
+        return FetchResult(desc.digest, desc.size, str(store.blob_path(desc.digest)), 0, desc.size, 0.0)
+
+    def waiting(holder: str) -> None:
+        reporter().note(f"layer {desc.digest[:19]} is being fetched by {holder}; waiting for it")
+
+    with store.ingest(desc.digest, on_wait=waiting) as ingest:
+        if store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
+            reporter().skip(desc.size)
+            return FetchResult(desc.digest, desc.size, str(store.blob_path(desc.digest)), 0, desc.size, 0.0)
+        download = _Download(ingest, client, repository, desc)
+        reporter().skip(download.offset)
+        resumed_from = download.offset
+        mismatches = 0
+        while True:
+            try:
+                retrying(download.attempt, policy, on_wait=_report_wait)
+                break
+            except DigestMismatchError:
+                mismatches += 1
+                download.restart()
+                if mismatches >= policy.max_digest_mismatches:
+                    raise DigestMismatchError(
+                        f"blob {desc.digest} of {repository} failed verification {mismatches} times; "
+                        "the registry is serving corrupt data"
+                    ) from None
+        path = ingest.commit()
+    return FetchResult(desc.digest, desc.size, str(path), download.fetched, resumed_from,
+                       time.monotonic() - started)
+
+
+def _report_wait(exc: TartflowError, seconds: float) -> None:
+    reporter().waiting(exc.message, seconds)
+
+
+class _Download:
+    """The state of one download across attempts: bytes on disk and their running hash."""
+
+    def __init__(self, ingest: Ingest, client: RegistryClient, repository: str, desc: Descriptor) -> None:
+        self.ingest, self.client, self.repository, self.desc = ingest, client, repository, desc
+        self.fetched = 0
+        self.hasher = hashlib.sha256()
+        self.offset = self._rehash()
+
+    def _rehash(self) -> int:
+        """Hash the partial left by an earlier run; a partial longer than the blob is discarded."""
+        offset = self.ingest.offset()
+        if offset > self.desc.size:
+            self.ingest.discard()
+            return 0
+        if offset:
+            with open(self.ingest.data, "rb") as f:
+                while chunk := f.read(_REHASH_CHUNK):
+                    self.hasher.update(chunk)
+        return offset
+
+    def restart(self) -> None:
+        self.ingest.discard()
+        reporter().skip(-self.offset)
+        self.hasher, self.offset = hashlib.sha256(), 0
+
+    def attempt(self) -> None:
+        """One request for the bytes still missing; raises temporary errors to be retried."""
+        size = self.desc.size
+        if self.offset < size:
+            self._stream()
+        if self.offset != size:
+            raise RegistryError(
+                f"blob {self.desc.digest[:19]}: stream ended at {self.offset} of {size} bytes", temporary=True
+            )
+        if "sha256:" + self.hasher.hexdigest() != self.desc.digest:
+            raise DigestMismatchError(f"blob {self.desc.digest} failed verification: its sha256 differs")
+
+    def _stream(self) -> None:
+        before = self.offset
+        try:
+            with self.client.open_blob(self.repository, self.desc.digest, self.offset) as blob:
+                if blob.total is not None and blob.total != self.desc.size:
+                    raise DigestMismatchError(
+                        f"blob {self.desc.digest[:19]}: registry says it is {blob.total} bytes, "
+                        f"the manifest says {self.desc.size}"
+                    )
+                if blob.start != self.offset:  # the server ignored our Range: start over
+                    self.restart()
+                self._receive(blob.iter_bytes())
+        except RegistryError as exc:
+            exc.progressed = self.offset > before  # type: ignore[attr-defined]
+            raise
+
+    def _receive(self, chunks) -> None:
+        size, reporter_ = self.desc.size, reporter()
+        with self.ingest.open_append() as out:
+            for chunk in chunks:
+                if len(chunk) > size - self.offset:
+                    raise DigestMismatchError(
+                        f"blob {self.desc.digest[:19]} is longer than the {size} bytes its descriptor says"
+                    )
+                out.write(chunk)
+                self.hasher.update(chunk)
+                self.offset += len(chunk)
+                self.fetched += len(chunk)
+                reporter_.advance(len(chunk))
+                cancel.check()

@@ -1,0 +1,84 @@
+"""Progress reporting: the core tells a Reporter what happens; the CLI or a log renders it.
+
+The core calls the process-wide reporter (``reporter()``); the CLI installs a live bar, and
+anywhere else (a Prefect worker) progress goes to the ``tartflow`` logger no more often than
+every ``interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+__all__ = ["LogReporter", "Reporter", "reporter", "set_reporter"]
+
+log = logging.getLogger("tartflow")
+
+
+class Reporter:
+    """Receives progress events; every method may be called from many threads."""
+
+    def plan(self, total_bytes: int, layers: int) -> None: ...
+    def advance(self, nbytes: int) -> None: ...
+    def skip(self, nbytes: int) -> None: ...
+    def layer_done(self) -> None: ...
+    def waiting(self, reason: str, seconds: float) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class LogReporter(Reporter):
+    """Plain log lines, throttled, for non-terminals and workers."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._total = self._done = self._layers = self._layers_done = 0
+        self._started = self._last = time.monotonic()
+
+    def plan(self, total_bytes: int, layers: int) -> None:
+        with self._lock:
+            self._total, self._layers = total_bytes, layers
+            self._started = time.monotonic()
+        log.info("pulling %d layers, %.1f MB", layers, total_bytes / 1e6)
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+            now = time.monotonic()
+            if now - self._last < self.interval:
+                return
+            self._last = now
+            done, total, layers_done = self._done, self._total, self._layers_done
+            rate = done / max(now - self._started, 1e-6)
+        pct = 100.0 * done / total if total else 100.0
+        log.info("%.1f%% %.1f/%.1f MB at %.1f MB/s, %d/%d layers", pct, done / 1e6, total / 1e6,
+                 rate / 1e6, layers_done, self._layers)
+
+    def skip(self, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+
+    def layer_done(self) -> None:
+        with self._lock:
+            self._layers_done += 1
+
+    def waiting(self, reason: str, seconds: float) -> None:
+        log.warning("%s; retrying in %.0f s", reason, seconds)
+
+    def note(self, text: str) -> None:
+        log.info("%s", text)
+
+
+_current: Reporter = LogReporter()
+
+
+def reporter() -> Reporter:
+    return _current
+
+
+def set_reporter(new: Reporter) -> Reporter:
+    """Install ``new``; returns the previous reporter so callers can restore it."""
+    global _current
+    previous, _current = _current, new
+    return previous

@@ -1,0 +1,195 @@
+"""One registry, its two resources: manifests and blobs.
+
+API: https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pull . Blob GETs may
+be redirected to a CDN with a signed, expiring URL (ghcr.io does); the redirect is followed by
+hand, without the registry's Authorization header, and every new attempt asks the registry for
+a fresh one. Status is checked explicitly: a 200 answer to a ranged GET means the server ignored
+the range, and the caller is told to start over rather than append at the wrong offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from ..errors import DigestMismatchError, ImageFormatError, RegistryError
+from ..manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE
+from ..reference import validate_digest
+from .auth import CredentialLookup, RegistryAuth
+from .errors import error_from_response, error_from_transport, redact
+
+__all__ = ["BlobResponse", "ClientSettings", "ManifestResponse", "RegistryClient", "client_for"]
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Transport settings; defaults suit a 50 GB pull over a flaky link.
+
+    ``read_timeout`` is how long a stream may stay silent before it counts as stalled.
+    """
+
+    insecure: bool = False
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0
+    chunk_size: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ManifestResponse:
+    raw: bytes
+    media_type: str
+    digest: str
+
+
+@dataclass
+class BlobResponse:
+    """An open blob stream; ``start`` is the offset its first byte belongs at."""
+
+    start: int
+    total: int | None
+    _response: httpx.Response | None
+    _chunk: int
+    _what: str
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        if self._response is None:
+            return
+        try:
+            yield from self._response.iter_raw(self._chunk)
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc, what=self._what) from None
+
+
+class RegistryClient:
+    """Talks to one registry host; thread-safe, one connection pool, one token cache."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        settings: ClientSettings | None = None,
+        credentials: CredentialLookup | None = None,
+        base_url: str | None = None,
+    ) -> None:
+        self.host = host
+        self.settings = settings or ClientSettings()
+        scheme = "http" if self.settings.insecure else "https"
+        self.base_url = (base_url or f"{scheme}://{host}").rstrip("/")
+        timeout = httpx.Timeout(self.settings.read_timeout, connect=self.settings.connect_timeout)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        auth = RegistryAuth(host, credentials) if credentials else RegistryAuth(host)
+        self._http = httpx.Client(timeout=timeout, limits=limits, auth=auth, follow_redirects=False)
+        # Redirect targets (CDNs) get no registry credentials.
+        self._cdn = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
+
+    def close(self) -> None:
+        self._http.close()
+        self._cdn.close()
+
+    def get_manifest(self, repository: str, reference: str) -> ManifestResponse:
+        """The manifest's bytes exactly as sent, capped at MAX_MANIFEST_SIZE, and their digest."""
+        url = f"{self.base_url}/v2/{repository}/manifests/{reference}"
+        what = f"manifest {self.host}/{repository}:{reference}" if not reference.startswith("sha256:") \
+            else f"manifest {self.host}/{repository}@{reference}"
+        try:
+            with self._http.stream("GET", url, headers={"Accept": MANIFEST_ACCEPT}) as response:
+                if response.status_code != 200:
+                    raise error_from_response(response, _read_capped(response, 65536), what=what)
+                raw = _read_capped(response, MAX_MANIFEST_SIZE + 1)
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc, what=what) from None
+        if len(raw) > MAX_MANIFEST_SIZE:
+            raise ImageFormatError(f"{what} is larger than the {MAX_MANIFEST_SIZE}-byte cap; refusing it")
+        digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise DigestMismatchError(f"{what}: registry sent a manifest whose digest is {digest}")
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        return ManifestResponse(raw, media_type, digest)
+
+    @contextmanager
+    def open_blob(self, repository: str, digest: str, offset: int = 0) -> Iterator[BlobResponse]:
+        """Open a blob stream from ``offset`` (a Range request when > 0).
+
+        The yielded ``start`` is 0 when the server ignored the range: the caller must start over.
+        """
+        validate_digest(digest)
+        what = f"blob {digest[:19]} of {self.host}/{repository}"
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        url = f"{self.base_url}/v2/{repository}/blobs/{digest}"
+        client, from_cdn = self._http, False
+        try:
+            for _ in range(_MAX_REDIRECTS + 1):
+                request = client.build_request("GET", url, headers=headers)
+                response = client.send(request, stream=True)
+                if response.status_code in (301, 302, 303, 307, 308):
+                    location = response.headers.get("location", "")
+                    response.close()
+                    url = _redirect_target(response, location, what)
+                    client, from_cdn = self._cdn, True
+                    continue
+                try:
+                    yield self._blob_response(response, offset, what, from_cdn)
+                finally:
+                    response.close()
+                return
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc, what=what) from None
+        raise RegistryError(f"{what}: too many redirects", temporary=True)
+
+    def _blob_response(self, response: httpx.Response, offset: int, what: str, from_cdn: bool) -> BlobResponse:
+        status = response.status_code
+        if status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", "").strip())
+            if not match or int(match.group(1)) != offset:
+                raise RegistryError(f"{what}: server answered a range request with the wrong range", temporary=True)
+            total = None if match.group(3) == "*" else int(match.group(3))
+            return BlobResponse(offset, total, response, self.settings.chunk_size, what)
+        if status == 200:
+            length = response.headers.get("content-length")
+            total = int(length) if length and length.isdigit() else None
+            return BlobResponse(0, total, response, self.settings.chunk_size, what)
+        if status == 416 and offset:
+            # Our partial already holds every byte (or more): the caller verifies or restarts.
+            return BlobResponse(offset, offset, None, self.settings.chunk_size, what)
+        raise error_from_response(response, _read_capped(response, 65536), what=what, from_cdn=from_cdn)
+
+
+def _redirect_target(response: httpx.Response, location: str, what: str) -> str:
+    if not location:
+        raise RegistryError(f"{what}: redirect without a Location header", temporary=True)
+    target = response.request.url.join(location)
+    if target.scheme not in ("http", "https"):
+        raise RegistryError(f"{what}: refusing redirect to {redact(target)} (not http or https)")
+    return str(target)
+
+
+def _read_capped(response: httpx.Response, cap: int) -> bytes:
+    data = bytearray()
+    for chunk in response.iter_raw(65536):
+        data += chunk
+        if len(data) >= cap:
+            break
+    return bytes(data[:cap])
+
+
+_clients: dict[tuple[str, ClientSettings], RegistryClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(host: str, settings: ClientSettings, credentials: CredentialLookup | None = None) -> RegistryClient:
+    """A process-wide client per (host, settings): tasks in one process share connections and tokens."""
+    key = (host, settings)
+    with _clients_lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = RegistryClient(host, settings=settings, credentials=credentials)
+        return client

@@ -1,0 +1,176 @@
+"""tartflow's content store, containerd-style.
+
+Layout under the store root (default ``$TART_HOME/tartflow``, beside Tart's own directories and
+on the same file system, so a finished VM moves into Tart's cache with one rename; never under
+``$TART_HOME/tmp``, which Tart wipes)::
+
+    blobs/sha256/<hex>            committed blobs: size and digest verified, fsynced
+    ingest/sha256/<hex>/data      a download in progress: the first N bytes of the blob
+    ingest/sha256/<hex>/lock      held (flock, via filelock) by the one process fetching it
+    ingest/sha256/<hex>/owner     who holds the lock and since when (pid, host, time)
+    manifests/sha256/<hex>        manifests as the registry sent them
+    staging/<manifest hex>/       a VM being assembled (see staging.py)
+
+Invariants: a file under ``blobs/`` is complete and verified; "already exists" is success; a
+partial is only ever appended to (or discarded after a digest mismatch) and survives any crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+import filelock
+
+from . import cancel
+from .errors import StoreError
+from .reference import digest_hex
+
+__all__ = ["Store", "atomic_write", "fsync_dir"]
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a rename or creation in ``path``; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename: never half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class Store:
+    """The content store rooted at ``root``; safe for many threads and processes at once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for sub in ("blobs/sha256", "ingest/sha256", "manifests/sha256", "staging"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- committed content -------------------------------------------------------------
+    def blob_path(self, digest: str) -> Path:
+        return self.root / "blobs" / "sha256" / digest_hex(digest)
+
+    def has_blob(self, digest: str, size: int) -> bool:
+        try:
+            return self.blob_path(digest).stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    def manifest_path(self, digest: str) -> Path:
+        return self.root / "manifests" / "sha256" / digest_hex(digest)
+
+    def put_manifest(self, digest: str, raw: bytes) -> Path:
+        path = self.manifest_path(digest)
+        if not path.exists():
+            atomic_write(path, raw)
+        return path
+
+    def read_manifest(self, digest: str) -> bytes:
+        try:
+            return self.manifest_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"manifest {digest} is not in tartflow's store; pull the image again") from None
+
+    # -- downloads in progress -----------------------------------------------------------
+    def ingest_dir(self, digest: str) -> Path:
+        return self.root / "ingest" / "sha256" / digest_hex(digest)
+
+    @contextmanager
+    def ingest(self, digest: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[Ingest]:
+        """Hold the download of ``digest`` for this process; waits while another holds it."""
+        directory = self.ingest_dir(digest)
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(directory / "lock")
+        waited = False
+        while True:
+            cancel.check()
+            try:
+                lock.acquire(timeout=0.5)
+                break
+            except filelock.Timeout:
+                if on_wait and not waited:
+                    on_wait(self.lock_holder(digest))
+                waited = True
+        try:
+            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+            (directory / "owner").write_text(json.dumps(owner))
+            yield Ingest(self, digest, directory)
+        finally:
+            (directory / "owner").unlink(missing_ok=True)
+            lock.release()
+            if self.blob_path(digest).exists():
+                # Done: waiters re-check the committed blob after they get the (unlinked) lock.
+                shutil.rmtree(directory, ignore_errors=True)
+
+    def lock_holder(self, digest: str) -> str:
+        """Who holds the ingest lock of ``digest``, in words ("pid 123 on mac-7 for 40 s")."""
+        try:
+            owner = json.loads((self.ingest_dir(digest) / "owner").read_text())
+            age = time.time() - float(owner["since"])
+            return f"pid {owner['pid']} on {owner['host']} for {age:.0f} s"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def ingest_is_locked(self, digest: str) -> bool:
+        if not self.ingest_dir(digest).is_dir():
+            return False
+        lock = filelock.FileLock(self.ingest_dir(digest) / "lock")
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return True
+        lock.release()
+        return False
+
+
+class Ingest:
+    """One locked download: append to ``data``, then commit (fsync, rename into ``blobs/``)."""
+
+    def __init__(self, store: Store, digest: str, directory: Path) -> None:
+        self.store = store
+        self.digest = digest
+        self.data = directory / "data"
+
+    def offset(self) -> int:
+        try:
+            return self.data.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def open_append(self) -> BinaryIO:
+        return open(self.data, "ab")
+
+    def discard(self) -> None:
+        self.data.unlink(missing_ok=True)
+
+    def commit(self) -> Path:
+        """Move the verified partial into ``blobs/``; the caller checked size and digest."""
+        target = self.store.blob_path(self.digest)
+        with open(self.data, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(self.data, target)
+        fsync_dir(target.parent)
+        return target
