@@ -1,0 +1,223 @@
+"""The steps of a pull, each one function over small serialisable values (references, digests,
+paths), so that Prefect tasks can be thin wrappers and a restarted flow can skip any of them.
+
+1. ``resolve``: fetch the manifest (an index resolves to its darwin/arm64 manifest), validate
+   it as a Tart VM, keep its bytes in the store, check space, prepare the staging VM.
+2. ``fetch``: one blob into the store (resumable, verified while streaming).
+3. ``verify``: decode a disk blob into the staging ``disk.img`` checking the uncompressed size
+   and content digest (or place config/NVRAM); nothing unverified is ever assembled.
+4. ``assemble``: move the staging VM into Tart's cache and point the tag at it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError
+from .fetch import FetchResult, fetch_blob
+from .manifest import (
+    DOCKER_LIST,
+    OCI_INDEX,
+    TartImage,
+    media_type_of,
+    parse_manifest,
+    pick_from_index,
+)
+from .progress import reporter
+from .reference import Reference, parse_reference
+from .registry.client import ClientSettings, RegistryClient, client_for
+from .registry.retry import RetryPolicy, retrying
+from .staging import Staging
+from .store import Store
+from .tartcache import TartCache, tart_home
+
+__all__ = [
+    "PullSettings",
+    "ResolvedImage",
+    "assemble",
+    "fetch",
+    "resolve",
+    "staged_evidence",
+    "store_root",
+    "verify",
+]
+
+#: Headroom kept free beyond what the pull needs, so the machine stays usable.
+SPACE_MARGIN = 1024**3
+
+
+def store_root(home: Path | None = None) -> Path:
+    """``$TARTFLOW_HOME``, else ``$TART_HOME/tartflow`` (same file system as Tart's cache)."""
+    env = os.environ.get("TARTFLOW_HOME")
+    return Path(os.path.abspath(env)) if env else (home or tart_home()) / "tartflow"
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """How to pull; serialisable so it can travel as a Prefect parameter.
+
+    ``retry_for``: seconds to keep retrying temporary failures (egress limits last minutes).
+    ``tart_home``/``store``: default from ``$TART_HOME`` and ``$TARTFLOW_HOME`` at run time.
+    ``read_timeout``: seconds a stream may stay silent before it counts as stalled.
+    """
+
+    insecure: bool = False
+    retry_for: float = 30 * 60
+    read_timeout: float = 60.0
+    tart_home: str | None = None
+    store: str | None = None
+    check_space: bool = True
+
+    @classmethod
+    def from_env(cls, **values: object) -> PullSettings:
+        """Settings with ``read_timeout`` from ``$TARTFLOW_READ_TIMEOUT`` when set (seconds)."""
+        timeout = os.environ.get("TARTFLOW_READ_TIMEOUT")
+        if timeout:
+            values.setdefault("read_timeout", float(timeout))
+        return cls(**values)  # type: ignore[arg-type]
+
+    def cache(self) -> TartCache:
+        return TartCache(Path(self.tart_home) if self.tart_home else None)
+
+    def open_store(self) -> Store:
+        return Store(Path(self.store) if self.store else store_root(self.cache().home))
+
+    def client(self, ref: Reference) -> RegistryClient:
+        return client_for(ref.host, ClientSettings(insecure=self.insecure, read_timeout=self.read_timeout))
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(retry_for=self.retry_for)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    reference: str  # as the user gave it, normalised (host/ns:tag or host/ns@digest)
+    manifest_digest: str
+    installed: bool  # the digest directory already holds this VM: no blob needs fetching
+    blobs: list[str] = field(default_factory=list)  # digests still worth fetching
+    compressed_size: int = 0
+    disk_size: int = 0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
+    ref = parse_reference(reference)
+    client, policy = settings.client(ref), settings.policy()
+    got = retrying(lambda: client.get_manifest(ref.repository, ref.reference), policy)
+    if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
+        chosen = pick_from_index(got.raw)
+        got = retrying(lambda: client.get_manifest(ref.repository, chosen.digest), policy)
+        if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
+            raise ImageFormatError(f"{ref}: an image index points to another index; not a Tart VM image")
+    image = parse_manifest(got.raw, got.digest)
+    store, cache = settings.open_store(), settings.cache()
+    store.put_manifest(got.digest, got.raw)
+    installed = cache.is_vm(cache.digest_dir(ref, got.digest))
+    blobs: list[str] = []
+    if not installed:
+        staging = Staging(store, image)
+        blobs = [d.digest for d in image.blobs if not staging.is_verified(d.digest)]
+        if settings.check_space:
+            _check_space(store, staging, image, blobs)
+        staging.prepare(got.raw)
+    return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size)
+
+
+def load_image(settings: PullSettings, manifest_digest: str) -> tuple[Store, TartImage]:
+    store = settings.open_store()
+    return store, parse_manifest(store.read_manifest(manifest_digest), manifest_digest)
+
+
+def fetch(settings: PullSettings, reference: str, manifest_digest: str, digest: str) -> FetchResult:
+    store, image = load_image(settings, manifest_digest)
+    desc = next(d for d in image.blobs if d.digest == digest)
+    ref = parse_reference(reference)
+    return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
+
+
+def verify(settings: PullSettings, manifest_digest: str, digest: str) -> int:
+    """Decode (disk) or place (config, NVRAM) blob ``digest`` in the staging VM, verified.
+
+    Returns the number of decoded bytes written by this call (0 when already done).
+    """
+    store, image = load_image(settings, manifest_digest)
+    staging = Staging(store, image)
+    blob = store.blob_path(digest)
+    written = 0
+    if digest == image.config.digest:
+        staging.place("config.json", image.config, blob)
+    if digest == image.nvram.digest:
+        staging.place("nvram.bin", image.nvram, blob)
+    try:
+        for index, layer in enumerate(image.disk_layers):
+            if layer.blob.digest == digest and staging.decode(index, blob):
+                written += layer.uncompressed_size
+    except CorruptLayerError as exc:
+        # Its compressed digest matched the manifest, so fetching again would bring the same
+        # bytes: the image itself is broken. Drop the blob so nothing unverified lingers.
+        blob.unlink(missing_ok=True)
+        raise CorruptLayerError(f"{exc.message}; the image in the registry is corrupt: re-push it") from None
+    return written
+
+
+def assemble(settings: PullSettings, reference: str, manifest_digest: str) -> str:
+    """Install the verified VM into Tart's cache; returns its digest directory."""
+    ref = parse_reference(reference)
+    cache = settings.cache()
+    target = cache.digest_dir(ref, manifest_digest)
+    if cache.is_vm(target):
+        return str(cache.install(ref, manifest_digest))
+    store, image = load_image(settings, manifest_digest)
+    staging = Staging(store, image)
+    with staging.locked():
+        if not cache.is_vm(target):
+            staging.check_complete()
+            staging.sync()
+            cache.install(ref, manifest_digest, staging.dir)
+        else:
+            cache.install(ref, manifest_digest)
+    staging.discard_state()
+    _release_blobs(store, image)
+    reporter().note(f"{ref} is in Tart's cache at {target}")
+    return str(target)
+
+
+def staged_evidence(settings: PullSettings, manifest_digest: str, digest: str) -> list[Path] | None:
+    """The files proving ``digest`` is verified into the staging VM, or None if it is not."""
+    store, image = load_image(settings, manifest_digest)
+    staging = Staging(store, image)
+    return staging.evidence(digest) if staging.is_verified(digest) else None
+
+
+def _check_space(store: Store, staging: Staging, image: TartImage, pending: list[str]) -> None:
+    """Refuse before fetching when the decoded disk plus missing blobs cannot fit."""
+    sizes = {d.digest: d.size for d in image.blobs}
+    compressed = sum(sizes[d] for d in pending if not store.has_blob(d, sizes[d]))
+    decoded = sum(d.uncompressed_size for i, d in enumerate(image.disk_layers) if not staging.layer_done(i))
+    needed = compressed + decoded
+    free = shutil.disk_usage(store.root).free
+    if needed + SPACE_MARGIN > free:
+        raise InsufficientSpaceError(
+            f"not enough disk space at {store.root}: the pull needs {needed / 1e9:.1f} GB more "
+            f"(+{SPACE_MARGIN / 1e9:.0f} GB margin), {free / 1e9:.1f} GB is free; free some space "
+            "(tart prune, tartflow gc) and run the same command again"
+        )
+
+
+def _release_blobs(store: Store, image: TartImage) -> None:
+    """Drop this image's compressed blobs once it is installed, unless another staging VM
+    (a pull in progress) still lists them: the decoded VM in Tart's cache is what is kept."""
+    wanted: set[str] = set()
+    for manifest in (store.root / "staging").glob("*/manifest.json"):
+        try:
+            wanted.update(d.digest for d in parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name).blobs)
+        except Exception:
+            continue
+    for desc in image.blobs:
+        if desc.digest not in wanted and not store.ingest_is_locked(desc.digest):
+            store.blob_path(desc.digest).unlink(missing_ok=True)

@@ -1,0 +1,127 @@
+"""A VM being assembled, in the store, until it moves into Tart's cache with one rename.
+
+``staging/<manifest hex>/`` holds exactly what the digest directory will hold (``config.json``,
+``disk.img`` created sparse at full size, ``nvram.bin``, ``manifest.json``); bookkeeping lives
+beside it in ``staging/<manifest hex>.state/`` so it never reaches Tart's cache:
+``layer-<i>.done`` once layer i is decoded and verified, ``layer-<i>.dirty`` while it is being
+written (so a retry clears stale bytes), and one lock per layer and for the whole VM.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import filelock
+
+from .disk import decode_layer
+from .errors import StoreError
+from .manifest import Descriptor, TartImage
+from .reference import digest_hex
+from .store import Store, atomic_write
+
+__all__ = ["Staging"]
+
+
+class Staging:
+    def __init__(self, store: Store, image: TartImage) -> None:
+        self.store = store
+        self.image = image
+        hexdigest = digest_hex(image.manifest_digest)
+        self.dir = store.root / "staging" / hexdigest
+        self.state = store.root / "staging" / f"{hexdigest}.state"
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The whole-VM lock, held while preparing and while installing."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(self.state / "vm.lock"):
+            yield
+
+    def prepare(self, manifest_raw: bytes) -> None:
+        """Create the staging directory with a sparse ``disk.img`` of the full decoded size."""
+        with self.locked():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            manifest = self.dir / "manifest.json"
+            if not manifest.exists():
+                atomic_write(manifest, manifest_raw)
+            disk = self.dir / "disk.img"
+            size = self.image.disk_size
+            if not disk.exists() or disk.stat().st_size != size:
+                with open(disk, "ab") as f:
+                    f.truncate(size)
+
+    def _marker(self, index: int, kind: str) -> Path:
+        return self.state / f"layer-{index}.{kind}"
+
+    def layer_done(self, index: int) -> bool:
+        return self._marker(index, "done").exists() and (self.dir / "disk.img").exists()
+
+    def evidence(self, digest: str) -> list[Path]:
+        """The files whose presence proves blob ``digest`` is verified into this VM: the done
+        marker of every disk layer made of it, or the placed config.json / nvram.bin."""
+        paths = [self.dir / "disk.img"]
+        if digest == self.image.config.digest:
+            paths.append(self.dir / "config.json")
+        if digest == self.image.nvram.digest:
+            paths.append(self.dir / "nvram.bin")
+        paths += [self._marker(i, "done") for i, layer in enumerate(self.image.disk_layers)
+                  if layer.blob.digest == digest]
+        return paths
+
+    def is_verified(self, digest: str) -> bool:
+        return all(path.exists() for path in self.evidence(digest))
+
+    def decode(self, index: int, blob: Path) -> bool:
+        """Decode disk layer ``index`` from ``blob`` and verify it; False if it was already done."""
+        layer = self.image.disk_layers[index]
+        with filelock.FileLock(self._marker(index, "lock")):
+            if self.layer_done(index):
+                return False
+            self._require_prepared()
+            dirty = self._marker(index, "dirty")
+            was_dirty = dirty.exists()
+            dirty.touch()
+            fd = os.open(self.dir / "disk.img", os.O_WRONLY if not was_dirty else os.O_RDWR)
+            try:
+                decode_layer(blob, layer, fd, dirty=was_dirty)
+            finally:
+                os.close(fd)
+            self._marker(index, "done").write_text(layer.uncompressed_digest)
+            dirty.unlink()
+        return True
+
+    def place(self, name: str, desc: Descriptor, blob: Path) -> None:
+        """Copy a small verified blob (config.json, nvram.bin) into the staging VM."""
+        self._require_prepared()
+        target = self.dir / name
+        if not target.exists() or target.stat().st_size != desc.size:
+            atomic_write(target, blob.read_bytes())
+
+    def _require_prepared(self) -> None:
+        if not (self.dir / "disk.img").exists():
+            raise StoreError(f"staging area {self.dir} vanished; run the pull again")
+
+    def check_complete(self) -> None:
+        """Raise unless every layer is decoded and verified and both small files are in place."""
+        missing = [i for i in range(len(self.image.disk_layers)) if not self.layer_done(i)]
+        if missing:
+            raise StoreError(f"disk layers {missing} are not verified yet; run the pull again")
+        for name in ("config.json", "nvram.bin", "manifest.json"):
+            if not (self.dir / name).is_file():
+                raise StoreError(f"{name} is missing from the staging VM; run the pull again")
+
+    def sync(self) -> None:
+        """fsync ``disk.img`` once, before the rename that makes it final."""
+        fd = os.open(self.dir / "disk.img", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def discard_state(self) -> None:
+        shutil.rmtree(self.state, ignore_errors=True)
+
