@@ -1,0 +1,142 @@
+"""The ``tartflow`` command: a thin layer over the core and the ``pull-image`` flow.
+
+Exit codes: 0 done; 2 usage error (with the usage line); 130 interrupted (SIGINT/SIGTERM);
+1 any other failure. Every error is one line on stderr; a traceback only with ``--verbose``
+and only for what is not an expected failure. Prefect is imported only when a flow runs, so
+``tartflow list`` and usage errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from . import cancel
+from .errors import InterruptedPull, TartflowError, UsageError
+from .progress import LogReporter, set_reporter
+from .reference import parse_reference
+from .tartcache import TartCache
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 32:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 32, got {text!r}")
+    return int(text)
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m`` or ``2h``."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration like 90s, 30m or 2h, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a duration cannot be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tartflow", description="Pull Tart VM images as resumable, verified Prefect flows.")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pull = sub.add_parser("pull", help="pull an image into Tart's cache ($TART_HOME/cache/OCIs)")
+    pull.add_argument("reference", help="host[:port]/namespace[:tag|@sha256:<hex>]")
+    pull.add_argument("--insecure", action="store_true", help="plain HTTP to the registry, as in Tart")
+    pull.add_argument("--concurrency", type=_positive_int, default=4, metavar="N",
+                      help="layer downloads in flight (default 4, as Tart)")
+    pull.add_argument("--retry-for", type=_duration, default=1800.0, metavar="DURATION",
+                      help="keep retrying temporary failures this long (default 30m)")
+    pull.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub.add_parser("list", help="list the images in Tart's OCI cache, like `tart list --source oci`")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            return _list()
+        try:
+            parse_reference(args.reference)
+        except UsageError as exc:
+            print(parser.format_usage().rstrip(), file=sys.stderr)
+            print(f"tartflow: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return _pull(args)
+    except InterruptedPull as exc:
+        print(f"tartflow: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TartflowError as exc:
+        print(f"tartflow: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _pull(args: argparse.Namespace) -> int:
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    live = sys.stderr.isatty() and not args.verbose
+    render = importlib.import_module("tartflow.render")
+    view = render.LiveReporter(sys.stderr) if live else LogReporter(interval=5.0)
+    old = set_reporter(view)
+    started = time.monotonic()
+    try:
+        with render.showing(view):
+            runner = importlib.import_module("flows.run")
+            path = runner.run_pull(
+                args.reference, insecure=args.insecure, concurrency=args.concurrency,
+                retry_for=args.retry_for, verbose=args.verbose,
+            )
+    except TartflowError:
+        raise
+    except Exception as exc:
+        if cancel.stop_requested():
+            raise InterruptedPull(f"pull of {args.reference} interrupted; every byte received is kept: "
+                                  "run the same command again to continue") from None
+        if args.verbose:
+            raise
+        print(f"tartflow: error: {type(exc).__name__}: {exc} (run with --verbose for details)", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        set_reporter(old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"pulled {args.reference} into {path} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if cancel.stop_requested():  # a second Ctrl+C: leave now; partials are safe on disk
+        os._exit(EXIT_INTERRUPTED)
+    cancel.request_stop()
+
+
+def _list() -> int:
+    images = TartCache().list()
+    print(f"{'NAME':<60} {'DIGEST':<20} {'DISK':>8} {'SIZE':>8}  ACCESSED")
+    for image in images:
+        print(f"{image.name:<60} {image.digest[:19]:<20} {image.disk_size / 1e9:>6.1f}GB "
+              f"{image.size_on_disk / 1e9:>6.1f}GB  {_ago(image.accessed)}")
+    return EXIT_OK
+
+
+def _ago(when: float) -> str:
+    seconds = max(0.0, time.time() - when)
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return "just now"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
