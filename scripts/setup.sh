@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up tartflow on a fresh machine: a virtualenv with tartflow installed (pip install .),
+# plus the CNCF distribution registry (docker-registry) the test suite and the demo use.
+# Idempotent; prints what it does. Usage: scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${TARTFLOW_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+echo "setup: pip install .$extra"
+"$VENV/bin/pip" install -q --disable-pip-version-check ".$extra"
+
+if ! command -v docker-registry >/dev/null 2>&1 && ! command -v registry >/dev/null 2>&1; then
+  if [ "$(uname)" = "Darwin" ]; then
+    echo "setup: install the distribution registry with 'brew install distribution' (binary 'registry')" >&2
+  elif command -v apt-get >/dev/null 2>&1; then
+    echo "setup: apt-get install docker-registry"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq docker-registry >/dev/null
+    # Debian starts a system registry on :5000; tartflow's tests start their own.
+  else
+    echo "setup: no docker-registry found; install the CNCF distribution registry" >&2
+  fi
+fi
