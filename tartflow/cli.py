@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep retrying temporary failures this long (default 30m)")
     pull.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub.add_parser("list", help="list the images in Tart's OCI cache, like `tart list --source oci`")
+    gc = sub.add_parser("gc", help="remove partial downloads and staging VMs that abandoned pulls left")
+    gc.add_argument("--older-than", type=_duration, default=24 * 3600.0, metavar="DURATION",
+                    help="only what was last written longer ago than this (default 24h); 0 for everything unlocked")
     return parser
 
 
@@ -68,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "gc":
+            return _gc(args.older_than)
         try:
             parse_reference(args.reference)
         except UsageError as exc:
@@ -87,7 +92,7 @@ def _pull(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     live = sys.stderr.isatty() and not args.verbose
     render = importlib.import_module("tartflow.render")
-    view = render.LiveReporter(sys.stderr) if live else LogReporter(interval=5.0)
+    view = render.LiveReporter(sys.stderr) if live else LogReporter(interval=5.0, emit=_print_line)
     old = set_reporter(view)
     started = time.monotonic()
     try:
@@ -99,11 +104,13 @@ def _pull(args: argparse.Namespace) -> int:
             )
     except TartflowError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        # Prefect answers SIGTERM with its own TerminationSignal (a BaseException) and then
+        # hands the signal on to our handler: once a stop was requested, it is an interruption.
         if cancel.stop_requested():
             raise InterruptedPull(f"pull of {args.reference} interrupted; every byte received is kept: "
                                   "run the same command again to continue") from None
-        if args.verbose:
+        if args.verbose or not isinstance(exc, Exception):
             raise
         print(f"tartflow: error: {type(exc).__name__}: {exc} (run with --verbose for details)", file=sys.stderr)
         return EXIT_FAILED
@@ -113,6 +120,10 @@ def _pull(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     print(f"pulled {args.reference} into {path} in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return EXIT_OK
+
+
+def _print_line(text: str) -> None:
+    print(f"tartflow: {text}", file=sys.stderr, flush=True)
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -127,6 +138,19 @@ def _list() -> int:
     for image in images:
         print(f"{image.name:<60} {image.digest[:19]:<20} {image.disk_size / 1e9:>6.1f}GB "
               f"{image.size_on_disk / 1e9:>6.1f}GB  {_ago(image.accessed)}")
+    return EXIT_OK
+
+
+def _gc(older_than: float) -> int:
+    from .gc import collect
+    from .pull import PullSettings
+
+    report = collect(PullSettings().open_store(), older_than)
+    for label in report.removed:
+        print(f"removed {label}")
+    for label in report.kept_locked:
+        print(f"kept {label}: a pull is using it")
+    print(f"freed {report.freed / 1e6:.1f} MB")
     return EXIT_OK
 
 

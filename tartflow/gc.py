@@ -1,0 +1,93 @@
+"""``tartflow gc``: free what abandoned pulls left in tartflow's store.
+
+Removes, when older than ``older_than`` seconds (by last write) and not locked by a live pull:
+partial downloads (``ingest/``), staging VMs (``staging/``) and committed blobs no staging VM
+lists; and the lock files of VMs no longer being assembled. Never touches Tart's cache. A lock held by a running pull (flock, released by the kernel
+when its process dies, even by kill -9) always protects its files, whatever their age.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import filelock
+
+from .manifest import parse_manifest
+from .store import Store
+
+__all__ = ["GcReport", "collect"]
+
+
+@dataclass
+class GcReport:
+    freed: int = 0
+    removed: list[str] = field(default_factory=list)
+    kept_locked: list[str] = field(default_factory=list)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_blocks * 512 or path.stat().st_size
+    return sum(_size(p) for p in path.rglob("*") if p.is_file())
+
+
+def _newest_write(path: Path) -> float:
+    times = [path.stat().st_mtime] + [p.stat().st_mtime for p in path.rglob("*") if p.is_file()]
+    return max(times)
+
+
+def _locked(lock_path: Path) -> bool:
+    if not lock_path.exists():
+        return False
+    lock = filelock.FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def collect(store: Store, older_than: float, *, now: float | None = None) -> GcReport:
+    now = time.time() if now is None else now
+    report = GcReport()
+
+    def remove(path: Path, label: str) -> None:
+        size = _size(path)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        report.freed += size
+        report.removed.append(label)
+
+    for ingest in sorted((store.root / "ingest" / "sha256").glob("*")):
+        if _locked(ingest / "lock"):
+            report.kept_locked.append(f"partial {ingest.name[:12]} ({store.lock_holder('sha256:' + ingest.name)})")
+        elif now - _newest_write(ingest) > older_than:
+            remove(ingest, f"partial download {ingest.name[:12]}")
+    wanted: set[str] = set()
+    for staging in sorted(p for p in (store.root / "staging").glob("*") if not p.name.endswith(".state")):
+        state = staging.with_name(staging.name + ".state")
+        if any(_locked(lock) for lock in state.glob("*.lock")):
+            report.kept_locked.append(f"staging VM {staging.name[:12]}")
+        elif now - _newest_write(staging) > older_than:
+            remove(staging, f"staging VM {staging.name[:12]}")
+            shutil.rmtree(state, ignore_errors=True)
+            continue
+        try:
+            raw = (staging / "manifest.json").read_bytes()
+            wanted.update(d.digest for d in parse_manifest(raw, "sha256:" + staging.name).blobs)
+        except Exception:
+            continue
+    for locks in sorted((store.root / "locks").glob("*")):
+        staging = store.root / "staging" / locks.name
+        if not staging.exists() and not any(_locked(lock) for lock in locks.glob("*.lock")):
+            shutil.rmtree(locks, ignore_errors=True)
+    for blob in sorted((store.root / "blobs" / "sha256").glob("*")):
+        if "sha256:" + blob.name not in wanted and now - blob.stat().st_mtime > older_than:
+            remove(blob, f"blob {blob.name[:12]}")
+    return report
