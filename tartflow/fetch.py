@@ -35,6 +35,7 @@ class FetchResult:
     fetched: int  # bytes moved over the wire by this call
     resumed_from: int  # bytes already on disk when this call started
     seconds: float
+    reused: int = 0  # bytes not fetched because a VM in Tart's cache already had the layer
 
 
 def fetch_blob(
@@ -43,35 +44,26 @@ def fetch_blob(
     """Make ``desc`` a committed blob in ``store``; returns at once if it already is."""
     started = time.monotonic()
     if store.has_blob(desc.digest, desc.size):
-        reporter().skip(desc.size)
-        return FetchResult(desc.digest, desc.size, str(store.blob_path(desc.digest)), 0, desc.size, 0.0)
+        return _already_there(store, desc)
 
     def waiting(holder: str) -> None:
         reporter().note(f"layer {desc.digest[:19]} is being fetched by {holder}; waiting for it")
 
     with store.ingest(desc.digest, on_wait=waiting) as ingest:
         if store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
-            reporter().skip(desc.size)
-            return FetchResult(desc.digest, desc.size, str(store.blob_path(desc.digest)), 0, desc.size, 0.0)
-        download = _Download(ingest, client, repository, desc)
+            return _already_there(store, desc)
+        download = _Download(ingest, client, repository, desc, policy.max_digest_mismatches)
         reporter().skip(download.offset)
         resumed_from = download.offset
-        mismatches = 0
-        while True:
-            try:
-                retrying(download.attempt, policy, on_wait=_report_wait)
-                break
-            except DigestMismatchError:
-                mismatches += 1
-                download.restart()
-                if mismatches >= policy.max_digest_mismatches:
-                    raise DigestMismatchError(
-                        f"blob {desc.digest} of {repository} failed verification {mismatches} times; "
-                        "the registry is serving corrupt data"
-                    ) from None
+        retrying(download.attempt, policy, on_wait=_report_wait)
         path = ingest.commit()
     return FetchResult(desc.digest, desc.size, str(path), download.fetched, resumed_from,
                        time.monotonic() - started)
+
+
+def _already_there(store: Store, desc: Descriptor) -> FetchResult:
+    reporter().skip(desc.size)
+    return FetchResult(desc.digest, desc.size, str(store.blob_path(desc.digest)), 0, desc.size, 0.0)
 
 
 def _report_wait(exc: TartflowError, seconds: float) -> None:
@@ -81,9 +73,12 @@ def _report_wait(exc: TartflowError, seconds: float) -> None:
 class _Download:
     """The state of one download across attempts: bytes on disk and their running hash."""
 
-    def __init__(self, ingest: Ingest, client: RegistryClient, repository: str, desc: Descriptor) -> None:
+    def __init__(
+        self, ingest: Ingest, client: RegistryClient, repository: str, desc: Descriptor, max_mismatches: int
+    ) -> None:
         self.ingest, self.client, self.repository, self.desc = ingest, client, repository, desc
         self.fetched = 0
+        self.mismatches, self.max_mismatches = 0, max_mismatches
         self.hasher = hashlib.sha256()
         self.offset = self._rehash()
 
@@ -105,7 +100,23 @@ class _Download:
         self.hasher, self.offset = hashlib.sha256(), 0
 
     def attempt(self) -> None:
-        """One request for the bytes still missing; raises temporary errors to be retried."""
+        """One request for the bytes still missing; raises temporary errors to be retried.
+
+        Bytes that do not match the descriptor are discarded at once; after
+        ``max_mismatches`` such fetches the error is permanent (the registry serves bad data).
+        """
+        try:
+            self._attempt()
+        except DigestMismatchError as exc:
+            self.restart()
+            self.mismatches += 1
+            exc.temporary = self.mismatches < self.max_mismatches
+            if not exc.temporary:
+                exc.message = (f"blob {self.desc.digest} of {self.repository} failed verification "
+                               f"{self.mismatches} times ({exc.message}); the registry is serving corrupt data")
+            raise
+
+    def _attempt(self) -> None:
         size = self.desc.size
         if self.offset < size:
             self._stream()
@@ -114,7 +125,7 @@ class _Download:
                 f"blob {self.desc.digest[:19]}: stream ended at {self.offset} of {size} bytes", temporary=True
             )
         if "sha256:" + self.hasher.hexdigest() != self.desc.digest:
-            raise DigestMismatchError(f"blob {self.desc.digest} failed verification: its sha256 differs")
+            raise DigestMismatchError(f"blob {self.desc.digest[:19]}: sha256 of the bytes received differs")
 
     def _stream(self) -> None:
         before = self.offset

@@ -40,7 +40,6 @@ class ClientSettings:
     insecure: bool = False
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
-    chunk_size: int = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,14 +56,15 @@ class BlobResponse:
     start: int
     total: int | None
     _response: httpx.Response | None
-    _chunk: int
     _what: str
 
     def iter_bytes(self) -> Iterator[bytes]:
         if self._response is None:
             return
         try:
-            yield from self._response.iter_raw(self._chunk)
+            # No chunk size: httpx would buffer up to it, and a cut stream would lose the
+            # buffered bytes. Each network read is handed on (and written) as it arrives.
+            yield from self._response.iter_raw()
         except httpx.TransportError as exc:
             raise error_from_transport(exc, what=self._what) from None
 
@@ -152,14 +152,14 @@ class RegistryClient:
             if not match or int(match.group(1)) != offset:
                 raise RegistryError(f"{what}: server answered a range request with the wrong range", temporary=True)
             total = None if match.group(3) == "*" else int(match.group(3))
-            return BlobResponse(offset, total, response, self.settings.chunk_size, what)
+            return BlobResponse(offset, total, response, what)
         if status == 200:
             length = response.headers.get("content-length")
             total = int(length) if length and length.isdigit() else None
-            return BlobResponse(0, total, response, self.settings.chunk_size, what)
+            return BlobResponse(0, total, response, what)
         if status == 416 and offset:
             # Our partial already holds every byte (or more): the caller verifies or restarts.
-            return BlobResponse(offset, offset, None, self.settings.chunk_size, what)
+            return BlobResponse(offset, offset, None, what)
         raise error_from_response(response, _read_capped(response, 65536), what=what, from_cdn=from_cdn)
 
 
