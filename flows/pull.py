@@ -58,6 +58,6 @@ def _fetch_and_verify(
         for wrapped in done:
             digest, future = fetching.pop(wrapped)
             fetched = future.result()  # raises the task's error: the flow fails with it
-            verifying.append(verify_digest.submit(settings, manifest_digest, digest, fetched))
+            verifying.append(verify_digest.submit(settings, reference, manifest_digest, digest, fetched))
     for future in verifying:
         future.result()

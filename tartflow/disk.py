@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import cancel
@@ -18,7 +19,7 @@ from .lz4apple import AppleLZ4Decoder
 from .manifest import DiskLayer
 from .progress import reporter
 
-__all__ = ["ZERO_CHUNK", "decode_layer"]
+__all__ = ["ZERO_CHUNK", "copy_layer", "decode_layer", "write_verified"]
 
 #: Granularity of hole detection: small enough to find holes inside blocks, large enough that
 #: the Python loop over chunks costs nothing next to decoding.
@@ -31,21 +32,53 @@ def decode_layer(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> 
     """Decode ``blob`` into ``disk_fd`` at ``layer.offset``; raise CorruptLayerError unless the
     decoded bytes match the layer's uncompressed size and content digest exactly."""
     decoder = AppleLZ4Decoder(layer.uncompressed_size)
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        with open(blob, "rb") as src:
+            while data := src.read(_READ):
+                yield from decoder.feed(data)
+                cancel.check()
+        decoder.finish()
+
+    write_verified(pieces(), layer, disk_fd, dirty=dirty, what=f"disk layer {layer.blob.digest[:19]}")
+
+
+def copy_layer(source: Path, source_offset: int, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
+    """Copy an already decoded layer from another VM's ``disk.img`` (holes read back as zeros
+    and stay holes), verified against the layer's content digest like a decode."""
+
+    def pieces() -> Iterator[bytes]:
+        with open(source, "rb") as src:
+            src.seek(source_offset)
+            left = layer.uncompressed_size
+            while left and (data := src.read(min(_READ, left))):
+                left -= len(data)
+                yield data
+                cancel.check()
+
+    write_verified(pieces(), layer, disk_fd, dirty=dirty, what=f"local copy of layer {layer.blob.digest[:19]}")
+
+
+def write_verified(
+    pieces: Iterable[bytes | memoryview], layer: DiskLayer, disk_fd: int, *, dirty: bool, what: str
+) -> None:
+    """Write ``pieces`` at ``layer.offset``, hashing as they pass; raise CorruptLayerError unless
+    exactly ``uncompressed_size`` bytes with ``uncompressed_digest`` went by."""
     hasher = hashlib.sha256()
     position = layer.offset
-    with open(blob, "rb") as src:
-        while data := src.read(_READ):
-            for piece in decoder.feed(data):
-                hasher.update(piece)
-                _write_sparse(disk_fd, piece, position, dirty)
-                position += len(piece)
-            cancel.check()
-    decoder.finish()
+    end = layer.offset + layer.uncompressed_size
+    for piece in pieces:
+        if position + len(piece) > end:
+            raise CorruptLayerError(f"{what} is longer than its declared {layer.uncompressed_size} bytes")
+        hasher.update(piece)
+        _write_sparse(disk_fd, piece, position, dirty)
+        position += len(piece)
+    if position != end:
+        raise CorruptLayerError(f"{what} has {position - layer.offset} bytes, not the declared {layer.uncompressed_size}")
     actual = "sha256:" + hasher.hexdigest()
     if actual != layer.uncompressed_digest:
         raise CorruptLayerError(
-            f"disk layer {layer.blob.digest[:19]} decodes to content {actual[:19]}..., "
-            f"not {layer.uncompressed_digest[:19]}... as the manifest says"
+            f"{what} has content {actual[:19]}..., not {layer.uncompressed_digest[:19]}... as the manifest says"
         )
     reporter().layer_done()
 

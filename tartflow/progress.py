@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 __all__ = ["LogReporter", "Reporter", "reporter", "set_reporter"]
 
@@ -30,8 +31,9 @@ class Reporter:
 class LogReporter(Reporter):
     """Plain log lines, throttled, for non-terminals and workers."""
 
-    def __init__(self, interval: float = 5.0) -> None:
+    def __init__(self, interval: float = 5.0, emit: Callable[[str], None] | None = None) -> None:
         self.interval = interval
+        self._emit = emit
         self._lock = threading.Lock()
         self._total = self._done = self._layers = self._layers_done = 0
         self._started = self._last = time.monotonic()
@@ -40,7 +42,7 @@ class LogReporter(Reporter):
         with self._lock:
             self._total, self._layers = total_bytes, layers
             self._started = time.monotonic()
-        log.info("pulling %d layers, %.1f MB", layers, total_bytes / 1e6)
+        self._say(f"pulling {layers} blobs, {total_bytes / 1e6:.1f} MB")
 
     def advance(self, nbytes: int) -> None:
         with self._lock:
@@ -52,8 +54,8 @@ class LogReporter(Reporter):
             done, total, layers_done = self._done, self._total, self._layers_done
             rate = done / max(now - self._started, 1e-6)
         pct = 100.0 * done / total if total else 100.0
-        log.info("%.1f%% %.1f/%.1f MB at %.1f MB/s, %d/%d layers", pct, done / 1e6, total / 1e6,
-                 rate / 1e6, layers_done, self._layers)
+        self._say(f"{pct:.1f}% {done / 1e6:.1f}/{total / 1e6:.1f} MB at {rate / 1e6:.1f} MB/s, "
+                  f"{layers_done} disk layers verified")
 
     def skip(self, nbytes: int) -> None:
         with self._lock:
@@ -64,10 +66,16 @@ class LogReporter(Reporter):
             self._layers_done += 1
 
     def waiting(self, reason: str, seconds: float) -> None:
-        log.warning("%s; retrying in %.0f s", reason, seconds)
+        self._say(f"{reason}; retrying in {seconds:.0f} s", logging.WARNING)
 
     def note(self, text: str) -> None:
-        log.info("%s", text)
+        self._say(text)
+
+    def _say(self, text: str, level: int = logging.INFO) -> None:
+        if self._emit is not None:
+            self._emit(text)
+        else:
+            log.log(level, "%s", text)
 
 
 _current: Reporter = LogReporter()

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError
+from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
 from .fetch import FetchResult, fetch_blob
 from .manifest import (
     DOCKER_LIST,
@@ -30,8 +30,9 @@ from .progress import reporter
 from .reference import Reference, parse_reference
 from .registry.client import ClientSettings, RegistryClient, client_for
 from .registry.retry import RetryPolicy, retrying
+from .reuse import reuse_local
 from .staging import Staging
-from .store import Store
+from .store import Store, translate_os_errors
 from .tartcache import TartCache, tart_home
 
 __all__ = [
@@ -70,13 +71,15 @@ class PullSettings:
     tart_home: str | None = None
     store: str | None = None
     check_space: bool = True
+    space_margin: float = SPACE_MARGIN
 
     @classmethod
     def from_env(cls, **values: object) -> PullSettings:
-        """Settings with ``read_timeout`` from ``$TARTFLOW_READ_TIMEOUT`` when set (seconds)."""
-        timeout = os.environ.get("TARTFLOW_READ_TIMEOUT")
-        if timeout:
-            values.setdefault("read_timeout", float(timeout))
+        """Settings with ``read_timeout`` from ``$TARTFLOW_READ_TIMEOUT`` (seconds) and
+        ``space_margin`` from ``$TARTFLOW_SPACE_MARGIN`` (bytes) when set."""
+        for env, name in (("TARTFLOW_READ_TIMEOUT", "read_timeout"), ("TARTFLOW_SPACE_MARGIN", "space_margin")):
+            if os.environ.get(env):
+                values.setdefault(name, float(os.environ[env]))
         return cls(**values)  # type: ignore[arg-type]
 
     def cache(self) -> TartCache:
@@ -105,6 +108,7 @@ class ResolvedImage:
         return asdict(self)
 
 
+@translate_os_errors
 def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
     ref = parse_reference(reference)
     client, policy = settings.client(ref), settings.policy()
@@ -123,7 +127,7 @@ def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
         staging = Staging(store, image)
         blobs = [d.digest for d in image.blobs if not staging.is_verified(d.digest)]
         if settings.check_space:
-            _check_space(store, staging, image, blobs)
+            _check_space(store, staging, image, blobs, settings.space_margin)
         staging.prepare(got.raw)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size)
 
@@ -133,30 +137,52 @@ def load_image(settings: PullSettings, manifest_digest: str) -> tuple[Store, Tar
     return store, parse_manifest(store.read_manifest(manifest_digest), manifest_digest)
 
 
+def _installed(settings: PullSettings, ref: Reference, manifest_digest: str) -> bool:
+    """True once any pull (another process, another flow run) has installed this VM: the
+    remaining steps have nothing left to do, and its blobs may already be gone."""
+    cache = settings.cache()
+    return cache.is_vm(cache.digest_dir(ref, manifest_digest))
+
+
+@translate_os_errors
 def fetch(settings: PullSettings, reference: str, manifest_digest: str, digest: str) -> FetchResult:
     store, image = load_image(settings, manifest_digest)
     desc = next(d for d in image.blobs if d.digest == digest)
     ref = parse_reference(reference)
+    if _installed(settings, ref, manifest_digest):
+        reporter().skip(desc.size)
+        return FetchResult(digest, desc.size, "", 0, desc.size, 0.0)
+    if not store.has_blob(digest, desc.size) and reuse_local(settings.cache(), Staging(store, image), digest):
+        reporter().skip(desc.size)
+        return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size)
     return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
 
 
-def verify(settings: PullSettings, manifest_digest: str, digest: str) -> int:
+@translate_os_errors
+def verify(settings: PullSettings, reference: str, manifest_digest: str, digest: str) -> int:
     """Decode (disk) or place (config, NVRAM) blob ``digest`` in the staging VM, verified.
 
     Returns the number of decoded bytes written by this call (0 when already done).
     """
+    if _installed(settings, parse_reference(reference), manifest_digest):
+        return 0
     store, image = load_image(settings, manifest_digest)
     staging = Staging(store, image)
+    if staging.is_verified(digest):  # taken from Tart's cache, or done by an earlier run
+        return 0
     blob = store.blob_path(digest)
     written = 0
-    if digest == image.config.digest:
-        staging.place("config.json", image.config, blob)
-    if digest == image.nvram.digest:
-        staging.place("nvram.bin", image.nvram, blob)
+    for name, desc in (("config.json", image.config), ("nvram.bin", image.nvram)):
+        if desc.digest == digest:
+            staging.place(name, desc, blob.read_bytes())
     try:
         for index, layer in enumerate(image.disk_layers):
             if layer.blob.digest == digest and staging.decode(index, blob):
                 written += layer.uncompressed_size
+    except StoreError:
+        if _installed(settings, parse_reference(reference), manifest_digest):
+            return written  # another pull installed this VM meanwhile: nothing left to do here
+        raise
     except CorruptLayerError as exc:
         # Its compressed digest matched the manifest, so fetching again would bring the same
         # bytes: the image itself is broken. Drop the blob so nothing unverified lingers.
@@ -165,6 +191,7 @@ def verify(settings: PullSettings, manifest_digest: str, digest: str) -> int:
     return written
 
 
+@translate_os_errors
 def assemble(settings: PullSettings, reference: str, manifest_digest: str) -> str:
     """Install the verified VM into Tart's cache; returns its digest directory."""
     ref = parse_reference(reference)
@@ -194,17 +221,17 @@ def staged_evidence(settings: PullSettings, manifest_digest: str, digest: str) -
     return staging.evidence(digest) if staging.is_verified(digest) else None
 
 
-def _check_space(store: Store, staging: Staging, image: TartImage, pending: list[str]) -> None:
+def _check_space(store: Store, staging: Staging, image: TartImage, pending: list[str], margin: float) -> None:
     """Refuse before fetching when the decoded disk plus missing blobs cannot fit."""
     sizes = {d.digest: d.size for d in image.blobs}
     compressed = sum(sizes[d] for d in pending if not store.has_blob(d, sizes[d]))
     decoded = sum(d.uncompressed_size for i, d in enumerate(image.disk_layers) if not staging.layer_done(i))
     needed = compressed + decoded
     free = shutil.disk_usage(store.root).free
-    if needed + SPACE_MARGIN > free:
+    if needed + margin > free:
         raise InsufficientSpaceError(
-            f"not enough disk space at {store.root}: the pull needs {needed / 1e9:.1f} GB more "
-            f"(+{SPACE_MARGIN / 1e9:.0f} GB margin), {free / 1e9:.1f} GB is free; free some space "
+            f"not enough disk space at {store.root}: the pull needs {needed / 1e9:.2f} GB more "
+            f"(+{margin / 1e9:.2f} GB margin), {free / 1e9:.2f} GB is free; free some space "
             "(tart prune, tartflow gc) and run the same command again"
         )
 

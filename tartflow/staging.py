@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import filelock
 
-from .disk import decode_layer
+from .disk import copy_layer, decode_layer
 from .errors import StoreError
 from .manifest import Descriptor, TartImage
 from .reference import digest_hex
@@ -33,12 +33,17 @@ class Staging:
         hexdigest = digest_hex(image.manifest_digest)
         self.dir = store.root / "staging" / hexdigest
         self.state = store.root / "staging" / f"{hexdigest}.state"
+        self._locks = store.root / "locks" / hexdigest
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """The whole-VM lock, held while preparing and while installing."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        with filelock.FileLock(self.state / "vm.lock"):
+    def locked(self, part: str = "vm") -> Iterator[None]:
+        """The whole-VM lock (held while preparing and installing) or one layer's lock.
+
+        Lock files live in ``locks/``, which is never removed while pulls run: deleting a lock
+        file another process is about to open is how two pulls of one image would collide.
+        """
+        self._locks.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(self._locks / f"{part}.lock"):
             yield
 
     def prepare(self, manifest_raw: bytes) -> None:
@@ -78,28 +83,37 @@ class Staging:
     def decode(self, index: int, blob: Path) -> bool:
         """Decode disk layer ``index`` from ``blob`` and verify it; False if it was already done."""
         layer = self.image.disk_layers[index]
-        with filelock.FileLock(self._marker(index, "lock")):
+        return self._fill(index, lambda fd, dirty: decode_layer(blob, layer, fd, dirty=dirty))
+
+    def copy(self, index: int, source: Path, source_offset: int) -> bool:
+        """Fill disk layer ``index`` from another VM's decoded disk, verified; False if done."""
+        layer = self.image.disk_layers[index]
+        return self._fill(index, lambda fd, dirty: copy_layer(source, source_offset, layer, fd, dirty=dirty))
+
+    def _fill(self, index: int, write: Callable[[int, bool], None]) -> bool:
+        with self.locked(f"layer-{index}"):
             if self.layer_done(index):
                 return False
             self._require_prepared()
+            self.state.mkdir(parents=True, exist_ok=True)
             dirty = self._marker(index, "dirty")
             was_dirty = dirty.exists()
             dirty.touch()
-            fd = os.open(self.dir / "disk.img", os.O_WRONLY if not was_dirty else os.O_RDWR)
+            fd = os.open(self.dir / "disk.img", os.O_RDWR if was_dirty else os.O_WRONLY)
             try:
-                decode_layer(blob, layer, fd, dirty=was_dirty)
+                write(fd, was_dirty)
             finally:
                 os.close(fd)
-            self._marker(index, "done").write_text(layer.uncompressed_digest)
+            self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
             dirty.unlink()
         return True
 
-    def place(self, name: str, desc: Descriptor, blob: Path) -> None:
-        """Copy a small verified blob (config.json, nvram.bin) into the staging VM."""
+    def place(self, name: str, desc: Descriptor, data: bytes) -> None:
+        """Put a small verified blob (config.json, nvram.bin) into the staging VM."""
         self._require_prepared()
         target = self.dir / name
         if not target.exists() or target.stat().st_size != desc.size:
-            atomic_write(target, blob.read_bytes())
+            atomic_write(target, data)
 
     def _require_prepared(self) -> None:
         if not (self.dir / "disk.img").exists():

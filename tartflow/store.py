@@ -10,6 +10,7 @@ on the same file system, so a finished VM moves into Tart's cache with one renam
     ingest/sha256/<hex>/owner     who holds the lock and since when (pid, host, time)
     manifests/sha256/<hex>        manifests as the registry sent them
     staging/<manifest hex>/       a VM being assembled (see staging.py)
+    locks/<manifest hex>/         its lock files, never removed while a pull may use them
 
 Invariants: a file under ``blobs/`` is complete and verified; "already exists" is success; a
 partial is only ever appended to (or discarded after a digest mismatch) and survives any crash.
@@ -17,6 +18,8 @@ partial is only ever appended to (or discarded after a digest mismatch) and surv
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import shutil
@@ -25,15 +28,38 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import filelock
 
 from . import cancel
-from .errors import StoreError
+from .errors import InsufficientSpaceError, StoreError
 from .reference import digest_hex
 
-__all__ = ["Store", "atomic_write", "fsync_dir"]
+__all__ = ["Store", "atomic_write", "fsync_dir", "translate_os_errors"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def translate_os_errors(fn: F) -> F:
+    """Turn an OSError from the file system into one line a user can act on; bytes already
+    on disk stay there for the next run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise InsufficientSpaceError(
+                    f"out of disk space{where}; everything fetched so far is kept: "
+                    "free some space (tart prune, tartflow gc) and run the same command again"
+                ) from None
+            raise StoreError(f"file system error{where}: {exc.strerror or exc}; "
+                             "fix it and run the same command again") from None
+
+    return wrapper  # type: ignore[return-value]
 
 
 def fsync_dir(path: Path) -> None:
@@ -66,7 +92,7 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        for sub in ("blobs/sha256", "ingest/sha256", "manifests/sha256", "staging"):
+        for sub in ("blobs/sha256", "ingest/sha256", "manifests/sha256", "staging", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # -- committed content -------------------------------------------------------------

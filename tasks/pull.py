@@ -47,8 +47,14 @@ def _file_key(kind: str, *paths: Path) -> str | None:
 
 
 def _fetch_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
-    store = _settings(params["settings"]).open_store()
-    return _file_key("fetch-layer", store.blob_path(params["digest"]))
+    """Keyed on the committed blob's file, or, for a layer taken from Tart's cache, on the
+    staging files that prove it verified; None (no cache) when neither exists."""
+    settings = _settings(params["settings"])
+    blob = settings.open_store().blob_path(params["digest"])
+    if blob.exists():
+        return _file_key("fetch-layer", blob)
+    evidence = core.staged_evidence(settings, params["manifest_digest"], params["digest"])
+    return _file_key("fetch-layer-local", *evidence) if evidence else None
 
 
 def _verify_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
@@ -72,9 +78,11 @@ def fetch_layer(settings: dict[str, Any], reference: str, manifest_digest: str, 
 
 
 @task(name="verify-digest", cache_key_fn=_verify_key, persist_result=True, retries=2, retry_delay_seconds=_RETRY_DELAYS, retry_condition_fn=is_temporary)
-def verify_digest(settings: dict[str, Any], manifest_digest: str, digest: str, fetched: dict[str, Any]) -> int:
+def verify_digest(
+    settings: dict[str, Any], reference: str, manifest_digest: str, digest: str, fetched: dict[str, Any]
+) -> int:
     """Second verification: decode the blob into the staging VM against its content digest."""
-    return core.verify(_settings(settings), manifest_digest, digest)
+    return core.verify(_settings(settings), reference, manifest_digest, digest)
 
 
 @task(name="assemble-vm", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=_RETRY_DELAYS, retry_condition_fn=is_temporary)
