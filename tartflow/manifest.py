@@ -132,7 +132,7 @@ def pick_from_index(raw: bytes) -> Descriptor:
     """From an image index, the darwin/arm64 manifest, or the only one there is."""
     doc = _load(raw)
     try:
-        entries = [Descriptor.model_validate(m) for m in doc.get("manifests") or []]
+        entries = [Descriptor.model_validate(m) for m in _list_field(doc, "manifests")]
     except ValidationError as exc:
         raise ImageFormatError(f"image index is malformed: {_first_error(exc)}") from None
     wanted = [
@@ -149,6 +149,13 @@ def pick_from_index(raw: bytes) -> Descriptor:
     )
 
 
+def _list_field(doc: dict[str, Any], name: str) -> list[Any]:
+    value = doc.get(name) or []
+    if not isinstance(value, list):
+        raise ImageFormatError(f"manifest is malformed: {name!r} is not a list")
+    return value
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err.get("loc", ()))
@@ -159,7 +166,7 @@ def parse_manifest(raw: bytes, manifest_digest: str) -> TartImage:
     """Validate an image manifest as a Tart VM; raise ImageFormatError saying what is wrong."""
     doc = _load(raw)
     try:
-        layers = [Descriptor.model_validate(layer) for layer in doc.get("layers") or []]
+        layers = [Descriptor.model_validate(layer) for layer in _list_field(doc, "layers")]
         Descriptor.model_validate(doc.get("config") or {})  # the OCI stub: validated, never fetched
     except ValidationError as exc:
         raise ImageFormatError(f"manifest is malformed: {_first_error(exc)}") from None
@@ -197,8 +204,13 @@ def parse_manifest(raw: bytes, manifest_digest: str) -> TartImage:
 def _disk_annotations(layer: Descriptor, index: int) -> tuple[int, str]:
     size_text = layer.annotations.get(UNCOMPRESSED_SIZE, "")
     digest = layer.annotations.get(UNCOMPRESSED_DIGEST, "")
-    if not size_text.isdigit() or len(size_text) > 16:
+    if not size_text.isascii() or not size_text.isdigit() or len(size_text) > 30:
         raise ImageFormatError(f"disk layer {index} has no valid {UNCOMPRESSED_SIZE} annotation")
+    if int(size_text) > MAX_DISK_SIZE:
+        raise ImageFormatError(
+            f"disk layer {index} declares {int(size_text)} bytes, over {MAX_DISK_SIZE // 1024**4} TiB; "
+            "refusing before allocating anything"
+        )
     try:
         validate_digest(digest, what=f"{UNCOMPRESSED_DIGEST} of disk layer {index}")
     except InvalidReferenceError as exc:
