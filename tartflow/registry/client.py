@@ -10,13 +10,16 @@ the range, and the caller is told to start over rather than append at the wrong 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
+import truststore
 
 from ..errors import DigestMismatchError, ImageFormatError, RegistryError
 from ..manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE
@@ -87,9 +90,10 @@ class RegistryClient:
         timeout = httpx.Timeout(self.settings.read_timeout, connect=self.settings.connect_timeout)
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
         auth = RegistryAuth(host, credentials) if credentials else RegistryAuth(host)
-        self._http = httpx.Client(timeout=timeout, limits=limits, auth=auth, follow_redirects=False)
+        verify = tls_context()
+        self._http = httpx.Client(timeout=timeout, limits=limits, auth=auth, follow_redirects=False, verify=verify)
         # Redirect targets (CDNs) get no registry credentials.
-        self._cdn = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False)
+        self._cdn = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, verify=verify)
 
     def close(self) -> None:
         self._http.close()
@@ -179,6 +183,15 @@ def _read_capped(response: httpx.Response, cap: int) -> bytes:
         if len(data) >= cap:
             break
     return bytes(data[:cap])
+
+
+def tls_context() -> ssl.SSLContext:
+    """TLS is always verified: against ``$SSL_CERT_FILE``/``$SSL_CERT_DIR`` when set, else the
+    system trust store (macOS Keychain, where fleets install their corporate CAs) via truststore."""
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+    if cafile or capath:
+        return ssl.create_default_context(cafile=cafile or None, capath=capath or None)
+    return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 _clients: dict[tuple[str, ClientSettings], RegistryClient] = {}

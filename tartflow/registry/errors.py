@@ -92,12 +92,19 @@ def error_from_response(
 
 
 def error_from_transport(exc: httpx.TransportError, *, what: str) -> RegistryError:
-    """Network failures (refused, reset, timeout, cut stream) are always worth a retry."""
+    """Network failures (refused, reset, timeout, cut stream) are worth a retry; a TLS
+    certificate that does not verify is not: retrying will not make it trusted."""
     try:
         url = redact(exc.request.url)
     except RuntimeError:
         url = ""
     kind = type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "certificate verify failed" in str(exc):
+        return RegistryError(
+            f"{what}: the TLS certificate of {url or 'the registry'} is not trusted; add its CA to the "
+            "system trust store or point SSL_CERT_FILE at a CA bundle (or use --insecure for a plain-HTTP registry)",
+            url=url,
+        )
     return RegistryError(
         f"{what}: network error talking to {url or 'the registry'} ({kind}: {str(exc)[:160] or 'no detail'})",
         url=url,
