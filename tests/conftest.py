@@ -70,3 +70,12 @@ def proxy(registry: Registry) -> Iterator[FaultProxy]:
 def user(tmp_path: Path, prefect_server: PrefectServer) -> Tartflow:
     """A fresh machine: empty TART_HOME, the session's Prefect server."""
     return Tartflow(tmp_path / "tart", tmp_path / "prefect", prefect_server.api_url)
+
+
+@pytest.fixture(scope="session")
+def medium_image(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """``acme/medium:v1``: a 24 MiB mixed disk in twelve 2 MiB layers, for byte budgets and kills."""
+    disk = tmp_path_factory.mktemp("medium-image") / "disk.img"
+    make_disk(disk, 24 * 1024 * 1024, seed=2)
+    return build_and_push(registry.url, "acme/medium", "v1", disk, layer_size=2 * 1024 * 1024,
+                          block_sizes=SMALL_BLOCK_SIZES, stored=_small_stored)

@@ -27,7 +27,8 @@ class Tartflow:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = prefect_env(self.prefect_home, self.api_url)
-        env.update(TART_HOME=str(self.tart_home), TARTFLOW_READ_TIMEOUT="5", **extra)
+        env.update(TART_HOME=str(self.tart_home), TARTFLOW_READ_TIMEOUT="5")
+        env.update(extra)
         env.pop("TARTFLOW_HOME", None)
         return env
 

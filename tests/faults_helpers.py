@@ -1,0 +1,47 @@
+"""Shared pieces of the end-to-end tests: where a pulled VM lands, byte-exact checks, waits."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support.cli import Tartflow
+from tests.support.imagebuilder import BuiltImage
+
+
+def vm_dir(user: Tartflow, host: str, repository: str, digest: str) -> Path:
+    return user.oci / host.replace(":", "%3A") / repository / digest
+
+
+def assert_same_vm(directory: Path, image: BuiltImage) -> None:
+    assert (directory / "disk.img").read_bytes() == image.disk_path.read_bytes()
+    assert (directory / "config.json").read_bytes() == image.config_json
+    assert (directory / "nvram.bin").read_bytes() == image.nvram
+    assert (directory / "manifest.json").read_bytes() == image.manifest_bytes
+
+
+def assert_pulled(user: Tartflow, host: str, image: BuiltImage) -> None:
+    assert_same_vm(vm_dir(user, host, image.repository, image.manifest_digest), image)
+
+
+def fetchable_bytes(image: BuiltImage) -> int:
+    """What a pull moves: every blob but the OCI config stub, which Tart never fetches."""
+    return image.total_compressed - int(image.manifest["config"]["size"])
+
+
+def partial(user: Tartflow, digest: str) -> Path:
+    return user.store / "ingest" / "sha256" / digest.split(":")[1] / "data"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, proc: subprocess.Popen[str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            if proc is not None:
+                proc.kill()
+                out, err = proc.communicate()
+                raise AssertionError(f"condition not reached; tartflow said: {err[-2000:]}")
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)

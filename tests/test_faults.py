@@ -1,0 +1,263 @@
+"""What networks and people do to a 50 GB pull, at small scale: every fault injected by our proxy
+in front of the real registry, every outcome checked on the bytes the proxy served and the
+bytes that landed in Tart's cache."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import filelock
+import pytest
+
+from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
+from tests.faults_helpers import assert_pulled, fetchable_bytes, partial, wait_for
+from tests.support.cli import Tartflow
+from tests.support.faultproxy import FaultProxy
+from tests.support.imagebuilder import BuiltImage, build_and_push
+
+
+def ref_of(proxy: FaultProxy, image: BuiltImage) -> str:
+    return f"{proxy.host}/{image.repository}:{image.tag}"
+
+
+def test_egress_503s_at_29_46_53_69_percent_finish_in_one_invocation(
+    user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage
+) -> None:
+    total = fetchable_bytes(medium_image)
+    proxy.throttle(1_500_000)  # keep several streams in flight when each egress limit hits
+    proxy.egress_503_at([int(total * p) for p in (0.29, 0.46, 0.53, 0.69)], burst=3)
+    proxy.cut_after(50_000, count=2)
+    result = user.run("pull", "--insecure", ref_of(proxy, medium_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, medium_image)
+    assert proxy.blob_bytes_served <= total * 1.10
+    assert sum(1 for r in proxy.requests if r.status == 503) >= 4 * 3
+    assert "ServerBusy" in result.stderr and "retrying in" in result.stderr  # the wait is visible
+
+
+def test_429_with_retry_after_and_5xx_are_retried(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)
+    proxy.status_burst(429, 1, retry_after="1")
+    proxy.status_burst(429, 1, retry_after=when)
+    for status in (500, 502, 504):
+        proxy.status_burst(status, 1)
+    started = time.monotonic()
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    statuses = [r.status for r in proxy.requests]
+    assert statuses.count(429) == 2 and {500, 502, 504} <= set(statuses)
+    assert "TOOMANYREQUESTS" in result.stderr
+    assert time.monotonic() - started >= 1  # Retry-After was honoured, not ignored
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image)
+
+
+def test_cut_stalled_and_short_streams_resume_with_ranges(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
+) -> None:
+    proxy.cut_after(300_000, count=1)
+    proxy.stall_after(200_000, seconds=30, count=1)
+    proxy.short_content_length(count=1)
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image), TARTFLOW_READ_TIMEOUT="2")
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    assert any(r.range_header for r in proxy.requests)  # resumed, not restarted
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image)
+
+
+def test_flipped_byte_is_caught_and_refetched(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
+    layer = small_image.disk_layers[1]
+    proxy.flip_byte(layer["digest"], offset=layer["size"] // 2)
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image) + layer["size"]
+
+
+def test_corrupt_blob_on_every_attempt_fails_with_one_line(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
+) -> None:
+    layer = small_image.disk_layers[0]
+    proxy.flip_byte(layer["digest"], offset=10, count=100)
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image))
+    assert result.returncode == 1
+    assert "failed verification 3 times" in result.stderr and "Traceback" not in result.stderr
+    assert not (user.oci / proxy.host.replace(":", "%3A")).exists() or not any(
+        p.name == "v1" for p in user.oci.rglob("v1")
+    )
+
+
+def test_expired_cdn_redirect_goes_back_to_the_registry(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
+) -> None:
+    proxy.cdn_redirects(ttl=1.0)
+    proxy.stall_after(100_000, seconds=30, count=1)  # first CDN stream stalls past its signature
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image), TARTFLOW_READ_TIMEOUT="2")
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    cdn = [r for r in proxy.requests if r.path.startswith("/cdn/")]
+    assert cdn and all(r.status in (200, 206) for r in cdn), "an expired signed URL was reused"
+    registry_hits = [r for r in proxy.requests if "/blobs/" in r.path and r.status == 307]
+    assert len(registry_hits) > len(small_image.disk_layers)  # the retry asked for a fresh redirect
+
+
+@pytest.mark.parametrize(("sig", "at"), [(signal.SIGINT, 0.40), (signal.SIGTERM, 0.55)])
+def test_signal_then_second_invocation_moves_at_most_110_percent(
+    user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage, sig: signal.Signals, at: float
+) -> None:
+    total = fetchable_bytes(medium_image)
+    proxy.throttle(1_000_000)
+    proc = user.start("pull", "--insecure", ref_of(proxy, medium_image))
+    wait_for(lambda: proxy.blob_bytes_served >= total * at, 60, proc)
+    started = time.monotonic()
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 5
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("tartflow: ") and "run the same command again" in err
+    assert "Traceback" not in err
+    proxy.clear_faults()
+    result = user.run("pull", "--insecure", ref_of(proxy, medium_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, medium_image)
+    assert proxy.blob_bytes_served <= total * 1.10
+
+
+def test_kill_9_at_60_percent_then_second_invocation_moves_at_most_115_percent(
+    user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage
+) -> None:
+    total = fetchable_bytes(medium_image)
+    proxy.throttle(1_000_000)
+    proc = user.start("pull", "--insecure", ref_of(proxy, medium_image))
+    wait_for(lambda: proxy.blob_bytes_served >= total * 0.60, 60, proc)
+    proc.kill()
+    proc.communicate(timeout=10)
+    proxy.clear_faults()
+    result = user.run("pull", "--insecure", ref_of(proxy, medium_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, medium_image)
+    assert proxy.blob_bytes_served <= total * 1.15
+
+
+def test_two_pulls_of_one_image_at_once_fetch_each_blob_once(
+    user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage
+) -> None:
+    proxy.throttle(2_000_000)
+    procs = [user.start("pull", "--insecure", ref_of(proxy, medium_image)) for _ in range(2)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert_pulled(user, proxy.host, medium_image)
+    assert proxy.blob_bytes_served == fetchable_bytes(medium_image)
+    served = [r.path for r in proxy.requests if "/blobs/" in r.path and r.status in (200, 206)]
+    assert len(served) == len(set(served))
+
+
+def test_images_sharing_layers_share_the_download(
+    user: Tartflow, proxy: FaultProxy, registry, medium_image: BuiltImage, tmp_path: Path
+) -> None:
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(medium_image.disk_path, disk)
+    with open(disk, "r+b") as f:  # change the last layer only
+        f.seek(-1000, os.SEEK_END)
+        f.write(os.urandom(1000))
+    other = build_and_push(registry.url, "acme/medium", "v2", disk, layer_size=2 * 1024 * 1024,
+                           block_sizes=SMALL_BLOCK_SIZES, stored=_small_stored)
+    shared = {lay["digest"] for lay in other.disk_layers} & {lay["digest"] for lay in medium_image.disk_layers}
+    assert len(shared) >= len(other.disk_layers) - 1
+    proxy.throttle(2_000_000)
+    procs = [user.start("pull", "--insecure", ref_of(proxy, image)) for image in (medium_image, other)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert_pulled(user, proxy.host, medium_image)
+    assert_pulled(user, proxy.host, other)
+    served = [r.path.rsplit("/", 1)[-1] for r in proxy.requests if "/blobs/" in r.path and r.status in (200, 206)]
+    twice = {d[:19]: served.count(d) for d in shared if served.count(d) != 1}
+    assert not twice, (twice, results)
+
+
+def test_gc_removes_abandoned_partials_but_not_locked_ones(
+    user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage
+) -> None:
+    proxy.throttle(500_000)
+    proc = user.start("pull", "--insecure", ref_of(proxy, medium_image))
+    wait_for(lambda: any(p.stat().st_size > 0 for p in user.store.glob("ingest/sha256/*/data")), 60, proc)
+    proc.kill()
+    proc.communicate(timeout=10)
+    partials = sorted(user.store.glob("ingest/sha256/*"))
+    assert partials
+    held = filelock.FileLock(partials[0] / "lock")
+    held.acquire()
+    try:
+        result = user.run("gc", "--older-than", "0")
+    finally:
+        held.release()
+    assert result.returncode == 0, result.stderr
+    assert partials[0].exists() and "a pull is using it" in result.stdout
+    assert all(not p.exists() for p in partials[1:])
+    assert "freed" in result.stdout.splitlines()[-1]
+    young = user.run("gc")  # the default age keeps what is recent
+    assert young.returncode == 0 and partials[0].exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 48 MiB tmpfs (skipped where this user cannot mount, e.g. macOS without root)."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_not_enough_space_is_refused_before_fetching(
+    small_fs: Path, tmp_path: Path, proxy: FaultProxy, medium_image: BuiltImage, prefect_server
+) -> None:
+    user = Tartflow(small_fs / "tart", tmp_path / "prefect", prefect_server.api_url)
+    result = user.run("pull", "--insecure", ref_of(proxy, medium_image))
+    assert result.returncode == 1
+    assert "not enough disk space" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert proxy.blob_bytes_served == 0
+
+
+def test_disk_full_mid_pull_keeps_what_was_fetched(
+    small_fs: Path, tmp_path: Path, proxy: FaultProxy, medium_image: BuiltImage, prefect_server
+) -> None:
+    user = Tartflow(small_fs / "tart", tmp_path / "prefect", prefect_server.api_url)
+    total = fetchable_bytes(medium_image)
+    filler = small_fs / "filler"
+    proxy.throttle(1_000_000)
+    proc = user.start("pull", "--insecure", ref_of(proxy, medium_image), TARTFLOW_SPACE_MARGIN="0")
+    wait_for(lambda: proxy.blob_bytes_served >= total * 0.3, 60, proc)
+
+    def fill() -> None:  # another program eats the disk while the pull runs
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+            except OSError:
+                pass
+
+    threading.Thread(target=fill).start()
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert "out of disk space" in err.strip().splitlines()[-1] and "Traceback" not in err
+    kept = sum(p.stat().st_size for p in user.store.rglob("*") if p.is_file() and ("ingest" in p.parts or "blobs" in p.parts))
+    assert kept >= total * 0.25
+    filler.unlink()
+    proxy.clear_faults()
+    served_before = proxy.blob_bytes_served
+    result = user.run("pull", "--insecure", ref_of(proxy, medium_image), TARTFLOW_SPACE_MARGIN="0")
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, medium_image)
+    assert proxy.blob_bytes_served - served_before <= total - kept + total * 0.1
