@@ -10,6 +10,7 @@ own is wrong on real images. Block format: https://github.com/lz4/lz4/blob/dev/d
 from __future__ import annotations
 
 import itertools
+import re
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,9 +24,9 @@ __all__ = ["AppleLZ4Decoder", "encode", "encode_bytes"]
 
 WINDOW = 64 * 1024
 _COMPRESSED, _STORED, _END = b"bv41", b"bv4-", b"bv4$"
-_MAGICS = (_COMPRESSED, _STORED, _END)
 _U32 = struct.Struct("<I")
 _U32X2 = struct.Struct("<II")
+_FF_RUN = re.compile(rb"\xff*")
 _MAX_RATIO = 255  # one LZ4 input byte never expands to more than 255 output bytes
 
 Chunk: TypeAlias = "bytes | memoryview"
@@ -34,6 +35,30 @@ Chunk: TypeAlias = "bytes | memoryview"
 def _bound(size: int) -> int:
     """LZ4_compressBound(size) plus slack: no honest encoder emits a bigger block."""
     return size + size // 255 + 16 + 64
+
+
+def _with_prefix(block: memoryview, prefix: Chunk) -> bytes:
+    """Rewrite an LZ4 block so that it first outputs ``prefix`` (made literals of its first sequence).
+
+    Decoding against ``prefix`` as one contiguous output instead of an external dictionary gives
+    the same bytes and the same bounds checks, but liblz4 copies a match that runs from the
+    dictionary on into the output byte by byte: a run of zeros at a block start decodes ~20x
+    slower that way. Raises IndexError if the first literal length runs past the block.
+    """
+    token = block[0]
+    literals, end = token >> 4, 1
+    if literals == 15:
+        run = _FF_RUN.match(block, 1)  # literal length 15 + 255 per 0xFF byte + the next byte
+        end = run.end() if run else 1
+        literals += 255 * (end - 1) + block[end]
+        end += 1
+    n = len(prefix) + literals
+    if n < 15:
+        head = bytes(((n << 4) | (token & 15),))
+    else:
+        runs, rest = divmod(n - 15, 255)
+        head = b"".join((bytes((0xF0 | (token & 15),)), b"\xff" * runs, bytes((rest,))))
+    return b"".join((head, prefix, block[end:]))
 
 
 class AppleLZ4Decoder:
@@ -74,47 +99,56 @@ class AppleLZ4Decoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Chunk]:
         """Consume ``data`` (any slice of the stream, split anywhere); return decoded chunks.
 
-        Chunks may be ``memoryview`` slices of ``data`` when ``data`` is immutable ``bytes``
-        (stored blocks are passed through without a copy); otherwise they are fresh ``bytes``.
+        Chunks are ``bytes`` or read-only views the decoder never writes to again. Stored
+        blocks in immutable ``bytes`` input come back as views of it, without a copy; from
+        mutable input they are copied. Only the tail of a block cut by a split is buffered.
+        Everything ``data`` completes is returned at once, up to ~255x its size for runs of
+        zeros, so feed pieces of moderate size (64 KiB to 1 MiB).
         """
-        self._check_alive()
+        if self._error is not None:
+            raise CorruptLayerError(self._error)
         mv = memoryview(data)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         out: list[Chunk] = []
+        taken = 0
         try:
-            if not self._buf:
-                borrowed = isinstance(mv.obj, bytes)
-                end = self._parse(mv, out, borrowed)
-                self._buf += mv[end:]
-            else:
-                self._buf += mv
+            while self._buf and taken < len(mv):  # top up the cut block, no more
+                more = mv[taken : taken + self._missing()]
+                self._buf += more
+                taken += len(more)
                 with memoryview(self._buf) as view:
                     end = self._parse(view, out, False)
                 del self._buf[:end]  # O(1): CPython advances a bytearray's start in place
+                self._offset += end
+            if taken < len(mv):
+                end = self._parse(mv[taken:], out, isinstance(mv.obj, bytes))
+                self._buf += mv[taken + end :]
+                self._offset += end
         except CorruptLayerError:
             self._buf = bytearray()  # a traceback may still pin views of the old buffer
             raise
-        self._offset += end
         return out
 
-    def finish(self) -> None:
-        """Raise :class:`CorruptLayerError` unless the stream ended exactly, and complete."""
-        self._check_alive()
-        if self._buf or self._stored_left:
-            self._fail(f"truncated block at compressed offset {self._offset}")
-        if not self._done:
-            self._fail(f"no end-of-stream marker at compressed offset {self._offset}")
-        if self._decoded != self._expected:  # unreachable: checked at the marker; kept as a guard
-            self._fail(f"decoded {self._decoded} bytes, expected {self._expected}")
+    def _missing(self) -> int:
+        """Bytes still missing from the block header or block cut short in the buffer."""
+        have = len(self._buf)
+        if have < 12:  # a stored header or the end marker never stays in the buffer whole
+            return (4 if have < 4 else 8 if self._buf[:4] == _STORED else 12) - have
+        return 12 + _U32.unpack_from(self._buf, 8)[0] - have
 
-    def _check_alive(self) -> None:
+    def finish(self) -> None:
+        """Raise :class:`CorruptLayerError` unless the stream ended, complete and exact."""
         if self._error is not None:
             raise CorruptLayerError(self._error)
+        if self._buf or self._stored_left:
+            self._fail("truncated block", self._offset)
+        if not self._done:  # the size was checked against expected_size at the marker
+            self._fail("no end-of-stream marker", self._offset)
 
-    def _fail(self, what: str) -> NoReturn:
-        self._error = f"disk layer is corrupt: {what}"
-        raise CorruptLayerError(self._error)
+    def _fail(self, what: str, at: int, cause: Exception | None = None) -> NoReturn:
+        self._error = f"disk layer is corrupt: {what} at compressed offset {at}"
+        raise CorruptLayerError(self._error) from cause
 
     def _parse(self, src: memoryview, out: list[Chunk], borrowed: bool) -> int:
         """Decode every complete block (and any available stored bytes) in ``src``.
@@ -132,18 +166,11 @@ class AppleLZ4Decoder:
                 continue
             at = self._offset + i
             if self._done:
-                self._fail(f"data after the end-of-stream marker at compressed offset {at}")
+                self._fail("data after the end-of-stream marker", at)
             magic = src[i : i + 4].tobytes()
-            if magic not in _MAGICS:
-                if len(magic) == 4 or not b"bv4".startswith(magic):
-                    self._fail(f"bad block magic {magic!r} at compressed offset {at}")
-                break
             if magic == _END:
                 if self._decoded != self._expected:
-                    self._fail(
-                        f"stream ends after {self._decoded} decoded bytes, expected "
-                        f"{self._expected}, at compressed offset {at}"
-                    )
+                    self._fail(f"stream ends after {self._decoded} of {self._expected} bytes", at)
                 self._done = True
                 i += 4
             elif magic == _STORED:
@@ -153,40 +180,39 @@ class AppleLZ4Decoder:
                 self._check_size(size, at)
                 self._stored_left = size
                 i += 8
-            else:
+            elif magic == _COMPRESSED:
                 if n - i < 12:
                     break
                 dsize, esize = _U32X2.unpack_from(src, i + 4)
                 self._check_size(dsize, at)
                 if esize > _bound(dsize) or dsize > _MAX_RATIO * esize:
-                    self._fail(
-                        f"block sizes {esize} encoded / {dsize} decoded are impossible for LZ4 "
-                        f"at compressed offset {at}"
-                    )
+                    self._fail(f"impossible LZ4 block of {esize} -> {dsize} bytes", at)
                 if n - i < 12 + esize:
                     break
                 self._emit(self._decompress(src[i + 12 : i + 12 + esize], dsize, at), out)
                 i += 12 + esize
+            elif len(magic) == 4 or not b"bv4".startswith(magic):
+                self._fail(f"bad block magic {magic!r}", at)
+            else:
+                break  # the start of a magic
         return i
 
     def _check_size(self, size: int, at: int) -> None:
         if size > self._max_block:
-            self._fail(f"block of {size} bytes exceeds {self._max_block} at compressed offset {at}")
+            self._fail(f"block of {size} bytes over the {self._max_block}-byte limit", at)
         if self._decoded + size > self._expected:
-            self._fail(
-                f"decodes to more than the expected {self._expected} bytes "
-                f"at compressed offset {at}"
-            )
+            self._fail(f"decodes to more than the expected {self._expected} bytes", at)
 
-    def _decompress(self, block: memoryview, size: int, at: int) -> bytes:
+    def _decompress(self, block: memoryview, size: int, at: int) -> Chunk:
+        window = self._window()
         try:
-            data = lz4.block.decompress(block, uncompressed_size=size, dict=self._window())
-        except lz4.block.LZ4BlockError as exc:
-            self._error = f"disk layer is corrupt: bad LZ4 block at compressed offset {at}"
-            raise CorruptLayerError(self._error) from exc
-        if len(data) != size:
-            self._fail(f"LZ4 block decodes to {len(data)} bytes, not {size}, at compressed offset {at}")
-        return data
+            src = _with_prefix(block, window) if window else block
+            data = lz4.block.decompress(src, uncompressed_size=len(window) + size)
+        except (lz4.block.LZ4BlockError, IndexError) as exc:
+            self._fail("bad LZ4 block", at, exc)
+        if len(data) != len(window) + size:
+            self._fail(f"LZ4 block decodes to fewer than {size} bytes", at)
+        return memoryview(data)[len(window) :] if window else data
 
     def _emit(self, piece: Chunk, out: list[Chunk]) -> None:
         if not piece:
@@ -207,9 +233,7 @@ class AppleLZ4Decoder:
         parts = list(recent)
         parts[0] = memoryview(parts[0])[excess:]
         window = b"".join(parts)
-        recent.clear()
-        recent.append(window)
-        self._recent_len = len(window)
+        self._recent, self._recent_len = deque((window,)), len(window)
         return window
 
 
