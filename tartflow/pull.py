@@ -16,6 +16,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import credentials
 from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
 from .fetch import FetchResult, fetch_blob
 from .manifest import (
@@ -89,7 +90,8 @@ class PullSettings:
         return Store(Path(self.store) if self.store else store_root(self.cache().home))
 
     def client(self, ref: Reference) -> RegistryClient:
-        return client_for(ref.host, ClientSettings(insecure=self.insecure, read_timeout=self.read_timeout))
+        settings = ClientSettings(insecure=self.insecure, read_timeout=self.read_timeout)
+        return client_for(ref.host, settings, credentials.lookup)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retry_for=self.retry_for)
