@@ -25,6 +25,10 @@ __all__ = ["ZERO_CHUNK", "copy_layer", "decode_layer", "write_verified"]
 #: the Python loop over chunks costs nothing next to decoding.
 ZERO_CHUNK = 64 * 1024
 _ZEROS = bytes(ZERO_CHUNK)
+#: Compressed bytes per decoder feed: one feed's output is held at once, and zeros compress
+#: 255:1, so a small feed bounds memory (and decodes faster than a large one).
+_FEED = 128 * 1024
+#: Plain reads of already decoded bytes (local copies from Tart's cache).
 _READ = 4 * 1024 * 1024
 
 
@@ -35,7 +39,7 @@ def decode_layer(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> 
 
     def pieces() -> Iterator[bytes | memoryview]:
         with open(blob, "rb") as src:
-            while data := src.read(_READ):
+            while data := src.read(_FEED):
                 yield from decoder.feed(data)
                 cancel.check()
         decoder.finish()
