@@ -1,5 +1,6 @@
 """The ``pull-image`` flow: fetch-manifest, then fetch-layer per blob (at most ``concurrency``
-in flight) with verify-digest submitted as each fetch completes, then assemble-vm.
+in flight) with verify-digest submitted as each fetch completes, then assemble-vm, then a table
+artifact of what each blob cost.
 
 Restarting the flow after any failure skips every finished step through the tasks' content
 keyed caches and resumes a half-fetched blob where it stopped.
@@ -8,9 +9,11 @@ keyed caches and resumes a half-fetched blob where it stopped.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Annotated, Any
 
 from prefect import flow
+from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
@@ -19,45 +22,83 @@ from tartflow.progress import reporter
 from tartflow.pull import PullSettings
 from tasks.pull import assemble_vm, fetch_layer, fetch_manifest, verify_digest
 
-__all__ = ["pull_image"]
+__all__ = ["EGRESS_LIMIT", "pull_image"]
 
 #: Threads for task runs: fetches are bounded by ``concurrency`` below, verifies ride along.
 _POOL = 32
+#: The Prefect global concurrency limit that bounds layer downloads across a fleet.
+EGRESS_LIMIT = "tartflow-egress"
 
 
 @flow(name="pull-image", task_runner=ThreadPoolTaskRunner(max_workers=_POOL), log_prints=False)  # type: ignore[arg-type]
 def pull_image(
     reference: Annotated[str, Field(description="Tart image, e.g. ghcr.io/cirruslabs/macos-sequoia-base:latest")],
     insecure: Annotated[bool, Field(description="Plain HTTP to the registry, as `tart pull --insecure`")] = False,
-    concurrency: Annotated[int, Field(ge=1, le=32, description="Layer downloads in flight")] = 4,
+    concurrency: Annotated[int, Field(ge=1, le=32, description="Layer downloads in flight on this runner")] = 4,
     retry_for: Annotated[float, Field(ge=0, description="Seconds to keep retrying temporary failures")] = 1800,
+    egress_limit: Annotated[
+        str | None,
+        Field(description="Prefect global concurrency limit held while a layer downloads; empty for none"),
+    ] = EGRESS_LIMIT,
 ) -> str:
     """Pull ``reference`` into Tart's cache on this machine; returns the VM's directory."""
+    started = time.monotonic()
     settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for).__dict__
     resolved = fetch_manifest(settings, reference)
     digest = resolved["manifest_digest"]
+    results: list[dict[str, Any]] = []
     if not resolved["installed"]:
         reporter().plan(resolved["compressed_size"], len(resolved["blobs"]))
-        _fetch_and_verify(settings, resolved["reference"], digest, resolved["blobs"], concurrency)
-    return assemble_vm(settings, resolved["reference"], digest)
+        results = _fetch_and_verify(settings, resolved, concurrency, egress_limit or None)
+    path = assemble_vm(settings, resolved["reference"], digest)
+    _publish(resolved, results, time.monotonic() - started)
+    return path
 
 
 def _fetch_and_verify(
-    settings: dict[str, Any], reference: str, manifest_digest: str, blobs: list[str], concurrency: int
-) -> None:
-    pending = list(blobs)
+    settings: dict[str, Any], resolved: dict[str, Any], concurrency: int, egress_limit: str | None
+) -> list[dict[str, Any]]:
+    reference, manifest_digest = resolved["reference"], resolved["manifest_digest"]
+    pending = list(resolved["blobs"])
     fetching: dict[concurrent.futures.Future[Any], tuple[str, PrefectFuture[Any]]] = {}
     verifying: list[PrefectFuture[Any]] = []
+    results: list[dict[str, Any]] = []
     while pending or fetching:
         while pending and len(fetching) < concurrency:
             digest = pending.pop(0)
-            future = fetch_layer.submit(settings, reference, manifest_digest, digest)
+            future = fetch_layer.submit(settings, reference, manifest_digest, digest, egress_limit)
             assert isinstance(future, PrefectConcurrentFuture)  # the thread-pool runner's futures
             fetching[future.wrapped_future] = (digest, future)
         done, _ = concurrent.futures.wait(list(fetching), return_when=concurrent.futures.FIRST_COMPLETED)
         for wrapped in done:
             digest, future = fetching.pop(wrapped)
             fetched = future.result()  # raises the task's error: the flow fails with it
+            results.append(fetched)
             verifying.append(verify_digest.submit(settings, reference, manifest_digest, digest, fetched))
     for future in verifying:
         future.result()
+    return results
+
+
+def _publish(resolved: dict[str, Any], results: list[dict[str, Any]], seconds: float) -> None:
+    """A table artifact: per blob, bytes fetched, reused from Tart's cache, already on disk."""
+    rows = [
+        {
+            "blob": r["digest"][:19],
+            "size MB": round(r["size"] / 1e6, 2),
+            "fetched MB": round(r["fetched"] / 1e6, 2),
+            "reused MB": round(r["reused"] / 1e6, 2),
+            "already on disk MB": round(r["resumed_from"] / 1e6, 2),
+            "seconds": round(r["seconds"], 2),
+            "MB/s": round(r["fetched"] / 1e6 / r["seconds"], 1) if r["seconds"] > 0 else None,
+        }
+        for r in results
+    ]
+    fetched = sum(r["fetched"] for r in results)
+    summary = (
+        f"**{resolved['reference']}** ({resolved['manifest_digest'][:19]}): "
+        + ("already current in Tart's cache, nothing fetched" if resolved["installed"] else
+           f"{fetched / 1e6:.1f} MB fetched of {resolved['compressed_size'] / 1e6:.1f} MB "
+           f"in {seconds:.1f} s ({fetched / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+    )
+    create_table_artifact(table=rows, key="tartflow-pull", description=summary)

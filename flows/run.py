@@ -28,8 +28,12 @@ def quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault(key, value)
 
 
-def run_pull(reference: str, *, insecure: bool, concurrency: int, retry_for: float, verbose: bool) -> str:
+def run_pull(
+    reference: str, *, insecure: bool, concurrency: int, retry_for: float, verbose: bool, egress_limit: str | None = None
+) -> str:
     quiet_prefect(verbose)
     from flows.pull import pull_image
 
-    return pull_image(reference=reference, insecure=insecure, concurrency=concurrency, retry_for=retry_for)
+    return pull_image(
+        reference=reference, insecure=insecure, concurrency=concurrency, retry_for=retry_for, egress_limit=egress_limit
+    )

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="layer downloads in flight (default 4, as Tart)")
     pull.add_argument("--retry-for", type=_duration, default=1800.0, metavar="DURATION",
                       help="keep retrying temporary failures this long (default 30m)")
+    pull.add_argument("--egress-limit", metavar="NAME", default=None,
+                      help="hold a slot of this Prefect global concurrency limit while downloading (fleets)")
     pull.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub.add_parser("list", help="list the images in Tart's OCI cache, like `tart list --source oci`")
     gc = sub.add_parser("gc", help="remove partial downloads and staging VMs that abandoned pulls left")
@@ -100,7 +102,7 @@ def _pull(args: argparse.Namespace) -> int:
             runner = importlib.import_module("flows.run")
             path = runner.run_pull(
                 args.reference, insecure=args.insecure, concurrency=args.concurrency,
-                retry_for=args.retry_for, verbose=args.verbose,
+                retry_for=args.retry_for, verbose=args.verbose, egress_limit=args.egress_limit,
             )
     except TartflowError:
         raise

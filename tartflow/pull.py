@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,7 +149,14 @@ def _installed(settings: PullSettings, ref: Reference, manifest_digest: str) -> 
 
 
 @translate_os_errors
-def fetch(settings: PullSettings, reference: str, manifest_digest: str, digest: str) -> FetchResult:
+def fetch(
+    settings: PullSettings, reference: str, manifest_digest: str, digest: str,
+    gate: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> FetchResult:
+    """Obtain blob ``digest``: from the store, from a VM in Tart's cache, or over the network.
+
+    ``gate`` is entered around network transfers only (a fleet-wide egress limit, say).
+    """
     store, image = load_image(settings, manifest_digest)
     desc = next(d for d in image.blobs if d.digest == digest)
     ref = parse_reference(reference)
@@ -157,7 +166,10 @@ def fetch(settings: PullSettings, reference: str, manifest_digest: str, digest: 
     if not store.has_blob(digest, desc.size) and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size)
-    return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
+    if store.has_blob(digest, desc.size):
+        return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
+    with gate():
+        return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
 
 
 @translate_os_errors

@@ -12,11 +12,13 @@ retried to exhaustion, never a permanent error (404, 401 after login, a corrupt 
 from __future__ import annotations
 
 import hashlib
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 
 from tartflow import pull as core
@@ -72,8 +74,16 @@ def fetch_manifest(settings: dict[str, Any], reference: str) -> dict[str, Any]:
 
 
 @task(name="fetch-layer", cache_key_fn=_fetch_key, persist_result=True, retries=2, retry_delay_seconds=_RETRY_DELAYS, retry_condition_fn=is_temporary)
-def fetch_layer(settings: dict[str, Any], reference: str, manifest_digest: str, digest: str) -> dict[str, Any]:
-    result = core.fetch(_settings(settings), reference, manifest_digest, digest)
+def fetch_layer(
+    settings: dict[str, Any], reference: str, manifest_digest: str, digest: str, egress_limit: str | None = None
+) -> dict[str, Any]:
+    """Fetch one blob; while it moves bytes over the network it holds a slot of the global
+    concurrency limit ``egress_limit`` (if that limit exists), so a fleet bounds its egress."""
+
+    def gate() -> AbstractContextManager[object]:
+        return concurrency(egress_limit, occupy=1, strict=False) if egress_limit else nullcontext()
+
+    result = core.fetch(_settings(settings), reference, manifest_digest, digest, gate=gate)
     return dict(result.__dict__)
 
 

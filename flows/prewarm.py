@@ -1,0 +1,105 @@
+"""The ``prewarm-fleet`` flow: pull images onto every runner of the fleet, in parallel.
+
+Each runner is a Prefect process worker serving its own work queue of the ``mac-runners`` pool
+(with its own ``TART_HOME``); this flow runs on the ``control`` queue and starts one
+``pull-image/on-demand`` run per runner and image on that runner's queue, waits for all, and
+fails naming the runners and images that failed. Runners default to every queue other than
+``control`` polled by a worker in the last 10 minutes; images default to the Prefect Variable
+``tartflow-images`` (a JSON list of references), which is what the nightly deployment uses.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, cast
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.deployments import run_deployment
+from prefect.variables import Variable
+from pydantic import Field
+
+__all__ = ["CONTROL_QUEUE", "IMAGES_VARIABLE", "POOL", "PULL_DEPLOYMENT", "live_runners", "prewarm_fleet"]
+
+PULL_DEPLOYMENT = "pull-image/on-demand"
+POOL = "mac-runners"
+CONTROL_QUEUE = "control"
+IMAGES_VARIABLE = "tartflow-images"
+LIVE_WITHIN = timedelta(minutes=10)
+
+
+def live_runners(pool: str = POOL) -> list[str]:
+    """Queues of ``pool`` (other than ``control``) that a worker polled within 10 minutes."""
+    cutoff = datetime.now(timezone.utc) - LIVE_WITHIN
+    with get_client(sync_client=True) as client:
+        queues = client.read_work_queues(work_pool_name=pool)
+    return sorted(q.name for q in queues if q.name != CONTROL_QUEUE and q.last_polled and q.last_polled >= cutoff)
+
+
+@flow(name="prewarm-fleet", log_prints=False)
+def prewarm_fleet(
+    images: Annotated[
+        list[str] | None,
+        Field(description=f"Tart images to pull; empty: the Prefect Variable {IMAGES_VARIABLE!r}"),
+    ] = None,
+    runners: Annotated[
+        list[str] | None,
+        Field(description="Runner work queues to fill; empty: every queue with a live worker (last 10 min)"),
+    ] = None,
+    insecure: Annotated[bool, Field(description="Plain HTTP to the registry, as `tart pull --insecure`")] = False,
+    concurrency: Annotated[int, Field(ge=1, le=32, description="Layer downloads in flight per runner")] = 4,
+    retry_for: Annotated[float, Field(ge=0, description="Seconds each pull keeps retrying temporary failures")] = 1800,
+    pool: Annotated[str, Field(description="The work pool whose queues are the runners")] = POOL,
+) -> dict[str, str]:
+    """Pull ``images`` onto ``runners``; returns {"runner image": final state}."""
+    logger = get_run_logger()
+    images = images or list(Variable.get(IMAGES_VARIABLE, default=[]) or [])
+    if not images:
+        raise ValueError(f"no images to prewarm: pass images or set the Prefect Variable {IMAGES_VARIABLE!r}")
+    runners = runners or live_runners(pool)
+    if not runners:
+        raise ValueError(f"no live runners in work pool {pool!r}: start a worker per runner (see README)")
+    logger.info("prewarming %d image(s) on %d runner(s): %s", len(images), len(runners), ", ".join(runners))
+    parameters = {"insecure": insecure, "concurrency": concurrency, "retry_for": retry_for}
+    started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
+    finals = _wait(started)
+    _publish(finals)
+    failed = [f"{runner} ({image}: {state})" for (runner, image), (state, _) in finals.items() if state != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"prewarm failed on {len(failed)} of {len(finals)}: " + "; ".join(failed))
+    return {f"{runner} {image}": state for (runner, image), (state, _) in finals.items()}
+
+
+def _start(runner: str, image: str, parameters: dict[str, Any]) -> UUID:
+    """A pull-image run on ``runner``'s queue, not waited for (``timeout=0``)."""
+    run = run_deployment(PULL_DEPLOYMENT, parameters={"reference": image, **parameters},
+                         work_queue_name=runner, timeout=0, flow_run_name=f"{runner}: {image}")
+    return cast(FlowRun, run).id
+
+
+def _wait(runs: dict[tuple[str, str], UUID], poll: float = 2.0) -> dict[tuple[str, str], tuple[str, float]]:
+    """Poll until every flow run is final; returns (state name, run seconds) per run."""
+    finals: dict[tuple[str, str], tuple[str, float]] = {}
+    with get_client(sync_client=True) as client:
+        while len(finals) < len(runs):
+            for key, run_id in runs.items():
+                if key in finals:
+                    continue
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    finals[key] = (run.state.type.value, run.total_run_time.total_seconds())
+            if len(finals) < len(runs):
+                time.sleep(poll)
+    return finals
+
+
+def _publish(finals: dict[tuple[str, str], tuple[str, float]]) -> None:
+    rows = [{"runner": runner, "image": image, "state": state, "seconds": round(seconds, 1)}
+            for (runner, image), (state, seconds) in sorted(finals.items())]
+    ok = sum(1 for state, _ in finals.values() if state == "COMPLETED")
+    create_table_artifact(table=rows, key="tartflow-prewarm",
+                          description=f"prewarm: {ok} of {len(finals)} pulls completed")
