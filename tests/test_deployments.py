@@ -1,0 +1,168 @@
+"""The fleet as deployed: a real ``prefect server``, ``prefect deploy --all`` from this checkout,
+two runner workers (each its own TART_HOME) and a control worker on one machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
+from tests.faults_helpers import fetchable_bytes
+from tests.support.faultproxy import FaultProxy
+from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
+from tests.support.prefectserver import PrefectServer, prefect_env
+from tests.support.registry import Registry
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+RUNNERS = ("runner-a", "runner-b")
+
+
+@dataclass
+class Fleet:
+    server: PrefectServer
+    homes: dict[str, Path]  # runner -> TART_HOME
+    env: dict[str, str]
+    proxy: FaultProxy
+
+    def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PREFECT, *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=CHECKOUT)
+
+    def python(self, code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
+                              timeout=120, cwd=CHECKOUT, check=True)
+        return done.stdout
+
+
+def _worker(env: dict[str, str], queue: str, home: Path, log: Path) -> subprocess.Popen[bytes]:
+    worker_env = {**env, "PREFECT_HOME": str(home / "prefect"), "TART_HOME": str(home / "tart"),
+                  "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                  "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    with open(log, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "deployments.fleet", "runner", queue],
+                                env={**worker_env, "PYTHONPATH": str(CHECKOUT)}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=home)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Fleet]:
+    root = tmp_path_factory.mktemp("fleet")
+    server = PrefectServer(root)
+    env = {**prefect_env(root / "client", server.api_url), "TARTFLOW_CHECKOUT": str(CHECKOUT),
+           "TARTFLOW_READ_TIMEOUT": "10"}
+    workers: list[subprocess.Popen[bytes]] = []
+    proxy = FaultProxy(registry.url).start()
+    try:
+        setup = subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--egress-slots", "4"],
+                               env=env, capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
+        assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+        homes = {name: root / name for name in (*RUNNERS, "control")}
+        for name, home in homes.items():
+            home.mkdir()
+            workers.append(_worker(env, name, home, root / f"{name}.log"))
+        yield Fleet(server, {r: homes[r] / "tart" for r in RUNNERS}, env, proxy)
+    finally:
+        proxy.stop()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+        server.stop()
+
+
+def _wait_for_live_runners(fleet: Fleet) -> None:
+    code = ("from flows.prewarm import live_runners; print(','.join(live_runners()))")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if set(fleet.python(code).strip().split(",")) >= set(RUNNERS):
+            return
+        time.sleep(1)
+    raise AssertionError("runner workers never polled their queues")
+
+
+def _prewarm(fleet: Fleet, image: BuiltImage) -> None:
+    ref = f"{fleet.proxy.host}/{image.repository}:{image.tag}"
+    params = json.dumps({"images": [ref], "insecure": True})
+    run = fleet.prefect("deployment", "run", "prewarm-fleet/fleet", "--params", params, "--watch",
+                        "--watch-timeout", "400", timeout=420)
+    assert run.returncode == 0 and "COMPLETED" in run.stdout.upper(), run.stdout[-4000:] + run.stderr[-4000:]
+
+
+def _assert_on_every_runner(fleet: Fleet, image: BuiltImage) -> None:
+    for runner, home in fleet.homes.items():
+        directory = vm_dir_at(home, fleet.proxy.host, image)
+        assert (directory / "disk.img").read_bytes() == image.disk_path.read_bytes(), runner
+        assert (directory / "nvram.bin").read_bytes() == image.nvram, runner
+        assert os.readlink(directory.parent / image.tag) == str(directory), runner
+
+
+def vm_dir_at(tart_home: Path, host: str, image: BuiltImage) -> Path:
+    return tart_home / "cache" / "OCIs" / host.replace(":", "%3A") / image.repository / image.manifest_digest
+
+
+def test_prewarm_fills_every_runner_then_a_refresh_moves_only_the_changed_layer(
+    fleet: Fleet, registry: Registry, tmp_path: Path
+) -> None:
+    _wait_for_live_runners(fleet)
+    disk = tmp_path / "v1.img"
+    make_disk(disk, 16 * 1024 * 1024, seed=5)
+    kw = dict(layer_size=2 * 1024 * 1024, block_sizes=SMALL_BLOCK_SIZES, stored=_small_stored)
+    first = build_and_push(registry.url, "fleet/macos", "latest", disk, **kw)  # type: ignore[arg-type]
+    fleet.proxy.reset_counters()
+    _prewarm(fleet, first)
+    _assert_on_every_runner(fleet, first)
+    assert fleet.proxy.blob_bytes_served == 2 * fetchable_bytes(first)
+
+    # Next night: the tag moves to a version in which one disk layer changed.
+    changed = tmp_path / "v2.img"
+    shutil.copyfile(disk, changed)
+    with open(changed, "r+b") as f:
+        f.seek(5 * 1024 * 1024 + 123)
+        f.write(os.urandom(4096))
+    second = build_and_push(registry.url, "fleet/macos", "latest", changed, **kw)  # type: ignore[arg-type]
+    new_layers = {d["digest"]: d["size"] for d in second.disk_layers} .items() - {
+        d["digest"]: d["size"] for d in first.disk_layers}.items()
+    assert len(new_layers) == 1
+    fleet.proxy.reset_counters()
+    _prewarm(fleet, second)
+    _assert_on_every_runner(fleet, second)
+    assert fleet.proxy.blob_bytes_served == 2 * sum(size for _, size in new_layers)
+    for home in fleet.homes.values():  # the image the tag left is pruned first, as Tart does
+        assert vm_dir_at(home, fleet.proxy.host, first).stat().st_atime == 0
+
+
+def test_nightly_deployment_carries_its_cron_schedule(fleet: Fleet) -> None:
+    code = (
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    d = c.read_deployment_by_name('prewarm-fleet/nightly')\n"
+        "    s = d.schedules[0].schedule\n"
+        "    print(s.cron, s.timezone, d.schedules[0].active, d.work_queue_name, d.work_pool_name)\n"
+    )
+    assert fleet.python(code).split() == ["0", "3", "*", "*", "*", "UTC", "True", "control", "mac-runners"]
+
+
+def test_pull_runs_publish_a_layer_table(fleet: Fleet) -> None:
+    code = (
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=['tartflow-pull', 'tartflow-prewarm'])))\n"
+        "    print('\\n'.join(f'{a.key} {a.type}' for a in arts))\n"
+    )
+    kinds = set(fleet.python(code).split("\n"))
+    assert {"tartflow-pull table", "tartflow-prewarm table"} <= kinds
