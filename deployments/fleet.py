@@ -18,6 +18,7 @@ runner's own ``TART_HOME`` in the environment.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate, WorkQueueCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.variables import Variable
 
@@ -42,19 +43,14 @@ def ensure_infrastructure(egress_slots: int) -> None:
             lambda: client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name=EGRESS_LIMIT, limit=egress_slots)),
         ):
-            try:
+            with contextlib.suppress(ObjectAlreadyExists):
                 create()
-            except ObjectAlreadyExists:
-                pass
     ensure_queue(CONTROL_QUEUE)
 
 
 def ensure_queue(name: str) -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_queue(name=name, work_pool_name=POOL)
-        except ObjectAlreadyExists:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_queue(name=name, work_pool_name=POOL)
 
 
 def run_worker(name: str) -> None:
