@@ -13,10 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import filelock
-
 from .manifest import parse_manifest
-from .store import Store
+from .store import Store, is_locked
 
 __all__ = ["GcReport", "collect"]
 
@@ -39,18 +37,6 @@ def _newest_write(path: Path) -> float:
     return max(times)
 
 
-def _locked(lock_path: Path) -> bool:
-    if not lock_path.exists():
-        return False
-    lock = filelock.FileLock(lock_path)
-    try:
-        lock.acquire(timeout=0)
-    except filelock.Timeout:
-        return True
-    lock.release()
-    return False
-
-
 def collect(store: Store, older_than: float, *, now: float | None = None) -> GcReport:
     now = time.time() if now is None else now
     report = GcReport()
@@ -65,14 +51,14 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
         report.removed.append(label)
 
     for ingest in sorted((store.root / "ingest" / "sha256").glob("*")):
-        if _locked(ingest / "lock"):
+        if is_locked(ingest / "lock"):
             report.kept_locked.append(f"partial {ingest.name[:12]} ({store.lock_holder('sha256:' + ingest.name)})")
         elif now - _newest_write(ingest) > older_than:
             remove(ingest, f"partial download {ingest.name[:12]}")
     wanted: set[str] = set()
     for staging in sorted(p for p in (store.root / "staging").glob("*") if not p.name.endswith(".state")):
         state = staging.with_name(staging.name + ".state")
-        if any(_locked(lock) for lock in state.glob("*.lock")):
+        if any(is_locked(lock) for lock in state.glob("*.lock")):
             report.kept_locked.append(f"staging VM {staging.name[:12]}")
         elif now - _newest_write(staging) > older_than:
             remove(staging, f"staging VM {staging.name[:12]}")
@@ -85,7 +71,7 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
             continue
     for locks in sorted((store.root / "locks").glob("*")):
         staging = store.root / "staging" / locks.name
-        if not staging.exists() and not any(_locked(lock) for lock in locks.glob("*.lock")):
+        if not staging.exists() and not any(is_locked(lock) for lock in locks.glob("*.lock")):
             shutil.rmtree(locks, ignore_errors=True)
     for blob in sorted((store.root / "blobs" / "sha256").glob("*")):
         if "sha256:" + blob.name not in wanted and now - blob.stat().st_mtime > older_than:

@@ -36,7 +36,7 @@ from . import cancel
 from .errors import InsufficientSpaceError, StoreError
 from .reference import digest_hex
 
-__all__ = ["Store", "atomic_write", "fsync_dir", "translate_os_errors"]
+__all__ = ["Store", "atomic_write", "fsync_dir", "is_locked", "translate_os_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,6 +85,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def is_locked(lock_path: Path) -> bool:
+    """True while some process (this one included) holds the filelock at ``lock_path``."""
+    if not lock_path.exists():
+        return False
+    lock = filelock.FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        return True
+    lock.release()
+    return False
 
 
 class Store:
@@ -161,15 +174,7 @@ class Store:
             return "another process"
 
     def ingest_is_locked(self, digest: str) -> bool:
-        if not self.ingest_dir(digest).is_dir():
-            return False
-        lock = filelock.FileLock(self.ingest_dir(digest) / "lock")
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return True
-        lock.release()
-        return False
+        return is_locked(self.ingest_dir(digest) / "lock")
 
 
 class Ingest:

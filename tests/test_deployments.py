@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
-from tests.faults_helpers import fetchable_bytes
+from tests.checks import fetchable_bytes
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer, prefect_env

@@ -3,32 +3,19 @@ real Prefect server; the result compared byte for byte and path for path with wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
 import time
 from pathlib import Path
 
-import httpx
-
+from tests.checks import assert_same_vm, fetchable_bytes, partial, vm_dir, wait_for
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, push_blob, push_raw_manifest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-def vm_dir(user: Tartflow, host: str, repository: str, digest: str) -> Path:
-    return user.oci / host.replace(":", "%3A") / repository / digest
-
-
-def assert_same_vm(directory: Path, image: BuiltImage) -> None:
-    assert (directory / "disk.img").read_bytes() == image.disk_path.read_bytes()
-    assert (directory / "config.json").read_bytes() == image.config_json
-    assert (directory / "nvram.bin").read_bytes() == image.nvram
-    assert (directory / "manifest.json").read_bytes() == image.manifest_bytes
 
 
 def tree(root: Path) -> set[str]:
@@ -54,7 +41,7 @@ def test_pull_lands_byte_exact_in_tarts_cache(user: Tartflow, proxy: FaultProxy,
     disk = (digest_dir / "disk.img").stat()
     assert disk.st_blocks * 512 < disk.st_size, "disk.img is not sparse"
     assert time.time() - digest_dir.stat().st_atime < 120
-    assert proxy.blob_bytes_served == small_image.total_compressed - _config_stub_size(small_image)
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image)
     # Nothing left behind in tartflow's store but the manifest and (empty) lock files.
     leftovers = [p for p in user.store.rglob("*") if p.is_file() and not {"manifests", "locks"} & set(p.parts)]
     assert leftovers == []
@@ -64,11 +51,6 @@ def test_pull_lands_byte_exact_in_tarts_cache(user: Tartflow, proxy: FaultProxy,
     assert again.returncode == 0, again.stderr
     assert proxy.blob_bytes_served == 0
     assert_same_vm(digest_dir, small_image)
-
-
-def _config_stub_size(image: BuiltImage) -> int:
-    # The OCI config stub is never fetched: Tart's real VM config is a layer.
-    return int(image.manifest["config"]["size"])
 
 
 def test_pull_by_digest_is_kept_from_tarts_gc(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
@@ -116,16 +98,16 @@ def test_kill_mid_layer_then_resume_asks_only_for_the_rest(
 ) -> None:
     ref = f"{proxy.host}/{small_image.repository}:{small_image.tag}"
     biggest = max(small_image.disk_layers, key=lambda layer: layer["size"])
-    partial = _partial(user, biggest["digest"])
+    data = partial(user, biggest["digest"])
     proxy.throttle(2_000_000)
     proc = user.start("pull", "--insecure", ref)
     try:
-        _wait_for(lambda: partial.exists() and partial.stat().st_size >= biggest["size"] // 2, 60)
+        wait_for(lambda: data.exists() and data.stat().st_size >= biggest["size"] // 2, 60)
         proc.kill()  # kill -9: no chance to clean up or flush anything more
     finally:
         proc.kill()
         proc.communicate(timeout=10)
-    kept = partial.stat().st_size
+    kept = data.stat().st_size
     assert biggest["size"] // 2 <= kept < biggest["size"]
     served_first = proxy.blob_bytes_served
     proxy.clear_faults()
@@ -137,7 +119,7 @@ def test_kill_mid_layer_then_resume_asks_only_for_the_rest(
     assert [r.range_header for r in ranged] == [f"bytes={kept}-"]
     assert sum(r.bytes_sent for r in ranged) == biggest["size"] - kept
     # Together both runs moved the image about once: only bytes in flight at the kill again.
-    total = small_image.total_compressed - _config_stub_size(small_image)
+    total = fetchable_bytes(small_image)
     assert served_first + proxy.blob_bytes_served <= total * 1.15
 
 
@@ -146,27 +128,23 @@ def test_ctrl_c_stops_quickly_keeps_bytes_and_says_how_to_continue(
 ) -> None:
     ref = f"{proxy.host}/{small_image.repository}:{small_image.tag}"
     first = small_image.disk_layers[0]
-    partial = _partial(user, first["digest"])
+    data = partial(user, first["digest"])
     proxy.throttle(1_000_000)
     proc = user.start("pull", "--insecure", ref)
     try:
-        _wait_for(lambda: partial.exists() and partial.stat().st_size >= first["size"] // 3, 60)
+        wait_for(lambda: data.exists() and data.stat().st_size >= first["size"] // 3, 60)
     except AssertionError:
         proc.kill()
         proc.communicate()
         raise
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert time.monotonic() - started < 5, "Ctrl+C took longer than 5 s"
     assert proc.returncode == 130, err
     assert "run the same command again" in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("tartflow: pull interrupted")
-    assert partial.stat().st_size >= first["size"] // 3
-
-
-def _partial(user: Tartflow, digest: str) -> Path:
-    return user.store / "ingest" / "sha256" / digest.split(":")[1] / "data"
+    assert data.stat().st_size >= first["size"] // 3
 
 
 def test_usage_errors_exit_2_with_the_usage_line(user: Tartflow) -> None:
@@ -196,15 +174,3 @@ def test_ephemeral_server_by_default_without_noise(tmp_path: Path, proxy: FaultP
     assert result.stderr.strip().splitlines()[-1].startswith("pulled ")
     assert "prefect" not in result.stderr.lower().replace(str(tmp_path).lower(), "")
     assert "warning" not in result.stderr.lower()
-
-
-def _wait_for(condition, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
-def test_sha_of_manifest_names_the_directory(small_image: BuiltImage) -> None:
-    assert small_image.manifest_digest == "sha256:" + hashlib.sha256(small_image.manifest_bytes).hexdigest()
-    assert httpx is not None

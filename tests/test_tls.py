@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults_helpers import assert_pulled
+from tests.checks import assert_pulled
 from tests.support.cli import Tartflow
 from tests.support.imagebuilder import BuiltImage, build_and_push
 from tests.support.registry import Registry, start_registry

@@ -41,7 +41,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, proc: subprocess.Pop
         if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
             if proc is not None:
                 proc.kill()
-                out, err = proc.communicate()
+                _out, err = proc.communicate()
                 raise AssertionError(f"condition not reached; tartflow said: {err[-2000:]}")
             raise AssertionError("condition not reached in time")
         time.sleep(0.02)
