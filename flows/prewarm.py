@@ -54,6 +54,10 @@ def prewarm_fleet(
     concurrency: Annotated[int, Field(ge=1, le=32, description="Layer downloads in flight per runner")] = 4,
     retry_for: Annotated[float, Field(ge=0, description="Seconds each pull keeps retrying temporary failures")] = 1800,
     pool: Annotated[str, Field(description="The work pool whose queues are the runners")] = POOL,
+    mirrors: Annotated[
+        dict[str, list[str]] | None,
+        Field(description='Pull-through mirrors per registry host, tried in order: {"ghcr.io": ["http://mirror:5000"]}'),
+    ] = None,
 ) -> dict[str, str]:
     """Pull ``images`` onto ``runners``; returns {"runner image": final state}."""
     logger = get_run_logger()
@@ -64,7 +68,7 @@ def prewarm_fleet(
     if not runners:
         raise ValueError(f"no live runners in work pool {pool!r}: start a worker per runner (see README)")
     logger.info("prewarming %d image(s) on %d runner(s): %s", len(images), len(runners), ", ".join(runners))
-    parameters = {"insecure": insecure, "concurrency": concurrency, "retry_for": retry_for}
+    parameters = {"insecure": insecure, "concurrency": concurrency, "retry_for": retry_for, "mirrors": mirrors}
     started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
     finals = _wait(started)
     _publish(finals)

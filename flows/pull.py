@@ -40,10 +40,14 @@ def pull_image(
         str | None,
         Field(description="Prefect global concurrency limit held while a layer downloads; empty for none"),
     ] = EGRESS_LIMIT,
+    mirrors: Annotated[
+        dict[str, list[str]] | None,
+        Field(description='Pull-through mirrors per registry host, tried in order: {"ghcr.io": ["http://mirror:5000"]}'),
+    ] = None,
 ) -> str:
     """Pull ``reference`` into Tart's cache on this machine; returns the VM's directory."""
     started = time.monotonic()
-    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for).__dict__
+    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors).__dict__
     resolved = fetch_manifest(settings, reference)
     digest = resolved["manifest_digest"]
     results: list[dict[str, Any]] = []

@@ -20,6 +20,7 @@ from . import cancel
 from .errors import InterruptedPull, TartflowError, UsageError
 from .progress import LogReporter, set_reporter
 from .reference import parse_reference
+from .registry.mirrors import parse_mirrors
 from .tartcache import TartCache
 
 __all__ = ["main"]
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _gc(args.older_than)
         try:
             parse_reference(args.reference)
+            parse_mirrors(os.environ.get("TARTFLOW_MIRRORS"))
         except UsageError as exc:
             print(parser.format_usage().rstrip(), file=sys.stderr)
             print(f"tartflow: error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ from . import cancel
 from .errors import DigestMismatchError, RegistryError, TartflowError
 from .manifest import Descriptor
 from .progress import reporter
-from .registry.client import RegistryClient
+from .registry.mirrors import BlobSource
 from .registry.retry import RetryPolicy, retrying
 from .store import Ingest, Store
 
@@ -39,7 +39,7 @@ class FetchResult:
 
 
 def fetch_blob(
-    store: Store, client: RegistryClient, repository: str, desc: Descriptor, policy: RetryPolicy
+    store: Store, client: BlobSource, repository: str, desc: Descriptor, policy: RetryPolicy
 ) -> FetchResult:
     """Make ``desc`` a committed blob in ``store``; returns at once if it already is."""
     started = time.monotonic()
@@ -74,7 +74,7 @@ class _Download:
     """The state of one download across attempts: bytes on disk and their running hash."""
 
     def __init__(
-        self, ingest: Ingest, client: RegistryClient, repository: str, desc: Descriptor, max_mismatches: int
+        self, ingest: Ingest, client: BlobSource, repository: str, desc: Descriptor, max_mismatches: int
     ) -> None:
         self.ingest, self.client, self.repository, self.desc = ingest, client, repository, desc
         self.fetched = 0

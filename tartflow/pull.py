@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from urllib.parse import urlsplit
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,8 @@ from .manifest import (
 )
 from .progress import reporter
 from .reference import Reference, parse_reference
-from .registry.client import ClientSettings, RegistryClient, client_for
+from .registry.client import ClientSettings, client_for
+from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
 from .registry.retry import RetryPolicy, retrying
 from .reuse import reuse_local
 from .staging import Staging
@@ -75,6 +77,7 @@ class PullSettings:
     store: str | None = None
     check_space: bool = True
     space_margin: float = SPACE_MARGIN
+    mirrors: dict[str, list[str]] | None = None
 
     @classmethod
     def from_env(cls, **values: object) -> PullSettings:
@@ -83,6 +86,8 @@ class PullSettings:
         for env, name in (("TARTFLOW_READ_TIMEOUT", "read_timeout"), ("TARTFLOW_SPACE_MARGIN", "space_margin")):
             if os.environ.get(env):
                 values.setdefault(name, float(os.environ[env]))
+        if not values.get("mirrors"):
+            values["mirrors"] = parse_mirrors(os.environ.get("TARTFLOW_MIRRORS")) or None
         return cls(**values)  # type: ignore[arg-type]
 
     def cache(self) -> TartCache:
@@ -91,9 +96,15 @@ class PullSettings:
     def open_store(self) -> Store:
         return Store(Path(self.store) if self.store else store_root(self.cache().home))
 
-    def client(self, ref: Reference) -> RegistryClient:
+    def client(self, ref: Reference) -> BlobSource:
+        """The registry of ``ref``, behind its mirrors when any are configured."""
         settings = ClientSettings(insecure=self.insecure, read_timeout=self.read_timeout)
-        return client_for(ref.host, settings, credentials.lookup)
+        registry = client_for(ref.host, settings, credentials.lookup)
+        urls = parse_mirrors(self.mirrors).get(ref.host)
+        if not urls:
+            return registry
+        mirrors = [(url, client_for(urlsplit(url).netloc, settings, credentials.lookup, base_url=url)) for url in urls]
+        return MirroredSource(mirrors, registry)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retry_for=self.retry_for)

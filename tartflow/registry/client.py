@@ -194,15 +194,18 @@ def tls_context() -> ssl.SSLContext:
     return truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
-_clients: dict[tuple[str, ClientSettings], RegistryClient] = {}
+_clients: dict[tuple[str, ClientSettings, str | None], RegistryClient] = {}
 _clients_lock = threading.Lock()
 
 
-def client_for(host: str, settings: ClientSettings, credentials: CredentialLookup | None = None) -> RegistryClient:
-    """A process-wide client per (host, settings): tasks in one process share connections and tokens."""
-    key = (host, settings)
+def client_for(
+    host: str, settings: ClientSettings, credentials: CredentialLookup | None = None, base_url: str | None = None
+) -> RegistryClient:
+    """A process-wide client per (host, settings, base URL): tasks in one process share
+    connections and tokens."""
+    key = (host, settings, base_url)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = RegistryClient(host, settings=settings, credentials=credentials)
+            client = _clients[key] = RegistryClient(host, settings=settings, credentials=credentials, base_url=base_url)
         return client
