@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--egress-limit", metavar="NAME", default=None,
                       help="hold a slot of this Prefect global concurrency limit while downloading (fleets)")
     pull.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    copy = sub.add_parser("copy", help="copy a Tart image between registries (seed a LAN registry for a fleet)")
+    copy.add_argument("source", help="host[:port]/namespace[:tag|@sha256:<hex>]")
+    copy.add_argument("destination", help="host[:port]/namespace[:tag]")
+    copy.add_argument("--insecure", action="store_true", help="plain HTTP to both registries")
+    copy.add_argument("--retry-for", type=_duration, default=1800.0, metavar="DURATION",
+                      help="keep retrying temporary failures this long (default 30m)")
     sub.add_parser("list", help="list the images in Tart's OCI cache, like `tart list --source oci`")
     gc = sub.add_parser("gc", help="remove partial downloads and staging VMs that abandoned pulls left")
     gc.add_argument("--older-than", type=_duration, default=24 * 3600.0, metavar="DURATION",
@@ -77,13 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gc":
             return _gc(args.older_than)
         try:
-            parse_reference(args.reference)
+            for ref in (args.source, args.destination) if args.command == "copy" else (args.reference,):
+                parse_reference(ref)
             parse_mirrors(os.environ.get("TARTFLOW_MIRRORS"))
         except UsageError as exc:
             print(parser.format_usage().rstrip(), file=sys.stderr)
             print(f"tartflow: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        return _pull(args)
+        return _copy(args) if args.command == "copy" else _pull(args)
     except InterruptedPull as exc:
         print(f"tartflow: {exc}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -123,6 +130,24 @@ def _pull(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"pulled {args.reference} into {path} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+    return EXIT_OK
+
+
+def _copy(args: argparse.Namespace) -> int:
+    from .copy import copy_image
+    from .pull import PullSettings
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    old = set_reporter(LogReporter(interval=5.0, emit=_print_line))
+    try:
+        settings = PullSettings.from_env(insecure=args.insecure, retry_for=args.retry_for)
+        report = copy_image(settings, args.source, args.destination)
+    finally:
+        set_reporter(old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"copied {args.source} to {args.destination} ({report.digest}): {report.copied / 1e6:.1f} MB sent, "
+          f"{len(report.skipped)} blobs already there", file=sys.stderr)
     return EXIT_OK
 
 

@@ -99,6 +99,20 @@ class RegistryClient:
         self._http.close()
         self._cdn.close()
 
+    def call(
+        self, method: str, url: str, *, what: str, expect: tuple[int, ...], **kwargs: object
+    ) -> httpx.Response:
+        """One request to the registry (a path or an absolute URL it handed out), its body read,
+        errors translated; any status outside ``expect`` raises RegistryError."""
+        target = url if url.startswith(("http://", "https://")) else f"{self.base_url}{url}"
+        try:
+            response = self._http.request(method, target, **kwargs)  # type: ignore[arg-type]
+        except httpx.TransportError as exc:
+            raise error_from_transport(exc, what=what) from None
+        if response.status_code not in expect:
+            raise error_from_response(response, response.content[:65536], what=what)
+        return response
+
     def get_manifest(self, repository: str, reference: str) -> ManifestResponse:
         """The manifest's bytes exactly as sent, capped at MAX_MANIFEST_SIZE, and their digest."""
         url = f"{self.base_url}/v2/{repository}/manifests/{reference}"
