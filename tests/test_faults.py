@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import email.utils
 import os
+import random
 import shutil
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import filelock
@@ -261,3 +263,39 @@ def test_disk_full_mid_pull_keeps_what_was_fetched(
     assert result.returncode == 0, result.stderr
     assert_pulled(user, proxy.host, medium_image)
     assert proxy.blob_bytes_served - served_before <= total - kept + total * 0.1
+
+
+def _phase_reached(user: Tartflow, image: BuiltImage, phase: str, rng: random.Random) -> Callable[[], bool]:
+    state = user.store / "staging" / f"{image.manifest_digest.split(':')[1]}.state"
+    layers = len(image.disk_layers)
+    if phase == "fetch":
+        target = rng.uniform(0.05, 0.9) * sum(layer["size"] for layer in image.disk_layers)
+        return lambda: sum(p.stat().st_size for p in user.store.glob("ingest/sha256/*/data")) >= target
+    if phase == "decode":
+        return lambda: any(state.glob("layer-*.dirty"))
+    return lambda: len(list(state.glob("layer-*.done"))) == layers  # every layer verified: assembly is next
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_seeded_kill_points_always_end_byte_exact(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, seed: int
+) -> None:
+    rng = random.Random(seed)
+    phase = ("fetch", "decode", "assembly")[seed % 3]
+    ref = ref_of(proxy, small_image)
+    proxy.throttle(3_000_000 if phase == "fetch" else None)
+    proc = user.start("pull", "--insecure", ref)
+    reached = _phase_reached(user, small_image, phase, rng)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and not reached() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    alive = proc.poll() is None
+    proc.kill()
+    proc.communicate(timeout=10)
+    assert alive and reached(), f"the pull ended before the {phase} kill point"
+    proxy.clear_faults()
+    result = user.run("pull", "--insecure", ref)
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    leftovers = [p for p in user.store.rglob("*") if p.is_file() and "staging" in p.parts]
+    assert leftovers == []
