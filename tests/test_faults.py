@@ -19,7 +19,7 @@ import filelock
 import pytest
 
 from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
-from tests.checks import assert_pulled, fetchable_bytes, partial, wait_for
+from tests.checks import assert_pulled, fetchable_bytes, wait_for
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push
