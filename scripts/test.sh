@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
 VENV=${TARTFLOW_VENV:-.venv}
-"$VENV/bin/python" -m mypy tartflow flows tasks
+"$VENV/bin/ruff" check .
+"$VENV/bin/python" -m mypy tartflow flows tasks deployments
 exec "$VENV/bin/python" -m pytest "$@"

@@ -27,13 +27,13 @@ def serve_manifest(proxy: FaultProxy, repository: str, tag: str, manifest: dict[
     proxy.override("GET", rf"^/v2/{repository}/manifests/{tag}$", 200, {"Content-Type": OCI_MANIFEST}, body)
 
 
-def tampered(image: BuiltImage, change) -> dict[str, Any]:  # noqa: ANN001
+def tampered(image: BuiltImage, change) -> dict[str, Any]:
     manifest = json.loads(image.manifest_bytes)
     change(manifest)
     return manifest
 
 
-def assert_refused(user: Tartflow, result, expected: str, started: float) -> None:  # noqa: ANN001
+def assert_refused(user: Tartflow, result, expected: str, started: float) -> None:
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("tartflow: error: ") and expected in lines[-1], result.stderr
@@ -44,7 +44,7 @@ def assert_refused(user: Tartflow, result, expected: str, started: float) -> Non
     assert not outside, f"files written outside TART_HOME: {outside}"
 
 
-def pull(user: Tartflow, proxy: FaultProxy, repository: str, tag: str):  # noqa: ANN201
+def pull(user: Tartflow, proxy: FaultProxy, repository: str, tag: str):
     return user.run("pull", "--insecure", f"{proxy.host}/{repository}:{tag}")
 
 
@@ -86,7 +86,7 @@ def wrong_content_digest(m: dict[str, Any]) -> None:
     ids=["digest-with-dotdot", "config-over-cap", "exabyte-disk", "container-image", "legacy-disk-v1", "content-digest"],
 )
 def test_hostile_manifest_is_refused(
-    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, change, expected: str  # noqa: ANN001
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, change, expected: str
 ) -> None:
     serve_manifest(proxy, small_image.repository, "hostile", tampered(small_image, change))
     started = time.monotonic()

@@ -162,7 +162,7 @@ def test_chunked_upload_and_existing_blobs(registry: Registry, tmp_path: Path) -
 
 def test_make_disk_is_deterministic_and_mixed(tmp_path: Path) -> None:
     paths = [tmp_path / name for name in ("a", "b", "c")]
-    for path, seed in zip(paths, (3, 3, 4)):
+    for path, seed in zip(paths, (3, 3, 4), strict=True):
         make_disk(path, 3_000_001, seed=seed)
     a, b, c = (path.read_bytes() for path in paths)
     assert len(a) == 3_000_001 and a == b and a != c

@@ -28,7 +28,7 @@ def tls_registry(tmp_path_factory: pytest.TempPathFactory, small_image: BuiltIma
         yield server, ca, image
 
 
-def test_untrusted_certificate_fails_fast_with_advice(user: Tartflow, tls_registry) -> None:  # noqa: ANN001
+def test_untrusted_certificate_fails_fast_with_advice(user: Tartflow, tls_registry) -> None:
     server, _ca, image = tls_registry
     started = time.monotonic()
     result = user.run("pull", f"{server.host}/{image.repository}:{image.tag}")
@@ -37,7 +37,7 @@ def test_untrusted_certificate_fails_fast_with_advice(user: Tartflow, tls_regist
     assert time.monotonic() - started < 30
 
 
-def test_custom_ca_through_ssl_cert_file(user: Tartflow, tls_registry) -> None:  # noqa: ANN001
+def test_custom_ca_through_ssl_cert_file(user: Tartflow, tls_registry) -> None:
     server, ca, image = tls_registry
     result = user.run("pull", f"{server.host}/{image.repository}:{image.tag}", SSL_CERT_FILE=str(ca))
     assert result.returncode == 0, result.stderr

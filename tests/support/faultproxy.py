@@ -20,6 +20,8 @@ blob-service-error-codes.
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import hmac
 import http.client
@@ -469,10 +471,8 @@ class FaultProxy:
 
 
 def _shutdown(conn: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class _Server(ThreadingHTTPServer):

@@ -35,7 +35,7 @@ class PrefectServer:
         self.home = home
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        self._log = open(home / "server.log", "wb")
+        self._log = open(home / "server.log", "wb")  # noqa: SIM115 - held open for the server's lifetime
         prefect = Path(sys.executable).with_name("prefect")
         self._proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
