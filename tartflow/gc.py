@@ -2,7 +2,8 @@
 
 Removes, when older than ``older_than`` seconds (by last write) and not locked by a live pull:
 partial downloads (``ingest/``), staging VMs (``staging/``) and committed blobs no staging VM
-lists; and the lock files of VMs no longer being assembled. Never touches Tart's cache. A lock held by a running pull (flock, released by the kernel
+lists. Lock files stay (they are empty, and deleting one another process is opening would let
+two processes hold it). Never touches Tart's cache. A lock held by a running pull (flock, released by the kernel
 when its process dies, even by kill -9) always protects its files, whatever their age.
 """
 
@@ -51,14 +52,14 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
         report.removed.append(label)
 
     for ingest in sorted((store.root / "ingest" / "sha256").glob("*")):
-        if is_locked(ingest / "lock"):
+        if store.ingest_is_locked("sha256:" + ingest.name):
             report.kept_locked.append(f"partial {ingest.name[:12]} ({store.lock_holder('sha256:' + ingest.name)})")
         elif now - _newest_write(ingest) > older_than:
             remove(ingest, f"partial download {ingest.name[:12]}")
     wanted: set[str] = set()
     for staging in sorted(p for p in (store.root / "staging").glob("*") if not p.name.endswith(".state")):
         state = staging.with_name(staging.name + ".state")
-        if any(is_locked(lock) for lock in state.glob("*.lock")):
+        if any(is_locked(lock) for lock in (store.root / "locks" / staging.name).glob("*.lock")):
             report.kept_locked.append(f"staging VM {staging.name[:12]}")
         elif now - _newest_write(staging) > older_than:
             remove(staging, f"staging VM {staging.name[:12]}")
@@ -69,10 +70,6 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
             wanted.update(d.digest for d in parse_manifest(raw, "sha256:" + staging.name).blobs)
         except Exception:
             continue
-    for locks in sorted((store.root / "locks").glob("*")):
-        staging = store.root / "staging" / locks.name
-        if not staging.exists() and not any(is_locked(lock) for lock in locks.glob("*.lock")):
-            shutil.rmtree(locks, ignore_errors=True)
     for blob in sorted((store.root / "blobs" / "sha256").glob("*")):
         if "sha256:" + blob.name not in wanted and now - blob.stat().st_mtime > older_than:
             remove(blob, f"blob {blob.name[:12]}")

@@ -6,11 +6,14 @@ on the same file system, so a finished VM moves into Tart's cache with one renam
 
     blobs/sha256/<hex>            committed blobs: size and digest verified, fsynced
     ingest/sha256/<hex>/data      a download in progress: the first N bytes of the blob
-    ingest/sha256/<hex>/lock      held (flock, via filelock) by the one process fetching it
-    ingest/sha256/<hex>/owner     who holds the lock and since when (pid, host, time)
+    locks/blobs/<hex>.lock        held (flock, via filelock) by the one process fetching it
+    locks/blobs/<hex>.owner       who holds the lock and since when (pid, host, time)
     manifests/sha256/<hex>        manifests as the registry sent them
     staging/<manifest hex>/       a VM being assembled (see staging.py)
-    locks/<manifest hex>/         its lock files, never removed while a pull may use them
+    locks/<manifest hex>/         its lock files
+
+Lock files are never deleted (they are empty): deleting one while another process opens it
+would let two processes hold the same lock.
 
 Invariants: a file under ``blobs/`` is complete and verified; "already exists" is success; a
 partial is only ever appended to (or discarded after a digest mismatch) and survives any crash.
@@ -105,7 +108,7 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        for sub in ("blobs/sha256", "ingest/sha256", "manifests/sha256", "staging", "locks"):
+        for sub in ("blobs/sha256", "ingest/sha256", "manifests/sha256", "staging", "locks/blobs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # -- committed content -------------------------------------------------------------
@@ -137,12 +140,18 @@ class Store:
     def ingest_dir(self, digest: str) -> Path:
         return self.root / "ingest" / "sha256" / digest_hex(digest)
 
+    def _lock_base(self, digest: str) -> Path:
+        return self.root / "locks" / "blobs" / digest_hex(digest)
+
+    def blob_lock(self, digest: str) -> Path:
+        """The lock of one blob's download; in ``locks/``, which nothing deletes, because a
+        lock file deleted while another process opens it lets two processes hold "the" lock."""
+        return self._lock_base(digest).with_suffix(".lock")
+
     @contextmanager
     def ingest(self, digest: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[Ingest]:
         """Hold the download of ``digest`` for this process; waits while another holds it."""
-        directory = self.ingest_dir(digest)
-        directory.mkdir(parents=True, exist_ok=True)
-        lock = filelock.FileLock(directory / "lock")
+        lock = filelock.FileLock(self.blob_lock(digest))
         waited = False
         while True:
             cancel.check()
@@ -153,28 +162,29 @@ class Store:
                 if on_wait and not waited:
                     on_wait(self.lock_holder(digest))
                 waited = True
+        owner = self._lock_base(digest).with_suffix(".owner")
         try:
-            owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-            (directory / "owner").write_text(json.dumps(owner))
+            owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            directory = self.ingest_dir(digest)
+            directory.mkdir(parents=True, exist_ok=True)
             yield Ingest(self, digest, directory)
         finally:
-            (directory / "owner").unlink(missing_ok=True)
-            lock.release()
+            owner.unlink(missing_ok=True)
             if self.blob_path(digest).exists():
-                # Done: waiters re-check the committed blob after they get the (unlinked) lock.
-                shutil.rmtree(directory, ignore_errors=True)
+                shutil.rmtree(self.ingest_dir(digest), ignore_errors=True)  # only ever touched under the lock
+            lock.release()
 
     def lock_holder(self, digest: str) -> str:
-        """Who holds the ingest lock of ``digest``, in words ("pid 123 on mac-7 for 40 s")."""
+        """Who holds the download lock of ``digest``, in words ("pid 123 on mac-7 for 40 s")."""
         try:
-            owner = json.loads((self.ingest_dir(digest) / "owner").read_text())
+            owner = json.loads(self._lock_base(digest).with_suffix(".owner").read_text())
             age = time.time() - float(owner["since"])
             return f"pid {owner['pid']} on {owner['host']} for {age:.0f} s"
         except (OSError, ValueError, KeyError, TypeError):
             return "another process"
 
     def ingest_is_locked(self, digest: str) -> bool:
-        return is_locked(self.ingest_dir(digest) / "lock")
+        return is_locked(self.blob_lock(digest))
 
 
 class Ingest:

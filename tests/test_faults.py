@@ -194,7 +194,7 @@ def test_gc_removes_abandoned_partials_but_not_locked_ones(
     proc.communicate(timeout=10)
     partials = sorted(user.store.glob("ingest/sha256/*"))
     assert partials
-    held = filelock.FileLock(partials[0] / "lock")
+    held = filelock.FileLock(user.store / "locks" / "blobs" / f"{partials[0].name}.lock")
     held.acquire()
     try:
         result = user.run("gc", "--older-than", "0")
