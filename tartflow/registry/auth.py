@@ -4,6 +4,10 @@ Token auth: https://distribution.github.io/distribution/spec/auth/token/ . Token
 (realm, service, scope) until shortly before they expire, so a long blob download that outlives
 its token re-authenticates once on the 401 and carries on. A 401 that survives a fresh token or
 fresh Basic credentials is final: never retried in a loop.
+
+An identity token (``Credentials(IDENTITY_TOKEN_USER, token)``, what ``docker login`` stores for
+registries that issue one) is traded for access tokens with an OAuth2 refresh-token grant:
+https://distribution.github.io/distribution/spec/auth/oauth/ .
 """
 
 from __future__ import annotations
@@ -18,9 +22,14 @@ from dataclasses import dataclass
 import httpx
 
 from ..errors import RegistryError
-from .errors import error_from_response
+from .errors import error_from_response, redact
 
-__all__ = ["CredentialLookup", "Credentials", "RegistryAuth"]
+__all__ = ["IDENTITY_TOKEN_USER", "CredentialLookup", "Credentials", "RegistryAuth"]
+
+#: The username that marks a password as an identity (OAuth2 refresh) token, as Docker writes it.
+IDENTITY_TOKEN_USER = "<token>"
+#: The ``client_id`` sent with OAuth2 grants.
+CLIENT_ID = "tartflow"
 
 _PARAM = re.compile(r'(\w+)="([^"]*)"')
 _REPO_PATH = re.compile(r"^/v2/(.+?)/(?:manifests|blobs)/")
@@ -61,20 +70,28 @@ class RegistryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
-        challenge = response.headers.get("www-authenticate", "")
-        scheme, params = _parse_challenge(challenge)
-        if scheme == "basic":
-            creds = self._lookup(self._host)
-            if creds is None or self._scheme == "basic":
-                return  # no credentials, or they were already sent and refused
-            with self._lock:
-                self._scheme = "basic"
-            request.headers["Authorization"] = _basic(creds)
-            yield request
-            return
-        if scheme != "bearer" or "realm" not in params:
-            return
-        scope = params.get("scope") or scope
+        scheme, params = _parse_challenge(response.headers.get("www-authenticate", ""))
+        if scheme == "basic" and self._use_basic(request):
+            response = yield request
+        elif scheme == "bearer" and "realm" in params:
+            response = yield from self._with_fresh_token(request, params, params.get("scope") or scope)
+        if response.status_code == 401:
+            raise self._refused(request)
+
+    def _use_basic(self, request: httpx.Request) -> bool:
+        """Put Basic credentials on ``request``; False when there are none, or when this request
+        already carried them and was refused."""
+        creds = self._lookup(self._host)
+        if creds is None or "Authorization" in request.headers:
+            return False
+        with self._lock:
+            self._scheme = "basic"
+        request.headers["Authorization"] = _basic(creds)
+        return True
+
+    def _with_fresh_token(
+        self, request: httpx.Request, params: dict[str, str], scope: str
+    ) -> Generator[httpx.Request, httpx.Response, httpx.Response]:
         with self._lock:
             self._scheme, self._challenge = "bearer", params
             self._tokens.pop(scope, None)
@@ -82,7 +99,19 @@ class RegistryAuth(httpx.Auth):
         token_response.read()
         token = self._remember(token_response, scope)
         request.headers["Authorization"] = f"Bearer {token}"
-        yield request
+        response = yield request
+        return response
+
+    def _refused(self, request: httpx.Request) -> RegistryError:
+        """The final 401, after fresh credentials or with none to send: permanent, one line
+        naming the host and how to log in (never the credentials themselves)."""
+        match = _REPO_PATH.match(request.url.path)
+        what = f"{self._host}/{match.group(1)}" if match else self._host
+        state = "refused the credentials" if self._lookup(self._host) else "needs credentials"
+        return RegistryError(
+            f"{what}: registry {state} (401){_login_hint(self._host)}",
+            status=401, method=request.method, url=redact(request.url),
+        )
 
     def _apply(self, request: httpx.Request, scope: str) -> None:
         with self._lock:
@@ -97,8 +126,11 @@ class RegistryAuth(httpx.Auth):
 
     def _token_request(self, params: dict[str, str], scope: str) -> httpx.Request:
         query = {k: v for k, v in (("service", params.get("service")), ("scope", scope)) if v}
-        request = httpx.Request("GET", params["realm"], params=query)
         creds = self._lookup(self._host)
+        if creds is not None and creds.username == IDENTITY_TOKEN_USER:
+            form = {"grant_type": "refresh_token", "refresh_token": creds.password, "client_id": CLIENT_ID}
+            return httpx.Request("POST", params["realm"], data={**form, **query})
+        request = httpx.Request("GET", params["realm"], params=query)
         if creds is not None:
             request.headers["Authorization"] = _basic(creds)
         return request

@@ -36,6 +36,7 @@ __all__ = [
     "TART_DISK_V2",
     "TART_NVRAM",
     "BuiltImage",
+    "PushAuth",
     "PushError",
     "build_and_push",
     "default_vm_config",
@@ -56,6 +57,9 @@ UNCOMPRESSED_DIGEST = "org.cirruslabs.tart.uncompressed-content-digest"
 UNCOMPRESSED_DISK_SIZE = "org.cirruslabs.tart.uncompressed-disk-size"
 UPLOAD_TIME = "org.cirruslabs.tart.upload-time"
 DISK_FORMAT_LABEL = "org.cirruslabs.tart.disk.format"
+
+#: How pushes authenticate: an httpx.Auth flow, a Basic (user, password) pair, or not at all.
+PushAuth = httpx.Auth | tuple[str, str] | None
 
 _PIECE = 4 << 20  # bytes written or uploaded per call
 _TIMEOUT = httpx.Timeout(120.0, connect=10.0)
@@ -235,6 +239,7 @@ def build_and_push(
     disk_format: str = "raw",
     upload_time: str | None = None,
     chunk_size: int | None = None,
+    auth: PushAuth = None,
 ) -> BuiltImage:
     """Push ``disk_path`` and friends as a Tart image ``repository:tag``.
 
@@ -243,13 +248,14 @@ def build_and_push(
     through). ``config_json`` and ``nvram`` default to values derived from repository and tag.
     ``chunk_size`` switches blob uploads from monolithic to chunked PATCHes of that size;
     ``upload_time`` (ISO-8601) pins the manifest annotation, and so the manifest digest.
+    ``auth`` (an ``httpx.Auth`` or a Basic ``(user, password)``) is for registries that need it.
     """
     seed = _seed_for(repository, tag)
     config_json = default_vm_config(seed) if config_json is None else config_json
     nvram = random.Random(seed + 1).randbytes(64 << 10) if nvram is None else nvram
     disk_path = Path(disk_path)
     disk_size = disk_path.stat().st_size
-    with httpx.Client(timeout=_TIMEOUT) as client:
+    with httpx.Client(timeout=_TIMEOUT, auth=auth) as client:
         pusher = _Pusher(client, registry_url, repository, chunk_size)
         layers = [_descriptor(TART_CONFIG, pusher.push_bytes(config_json), len(config_json), {})]
         for offset in range(0, disk_size, layer_size):
@@ -446,16 +452,22 @@ def _put_manifest(
 
 
 def push_raw_manifest(
-    registry_url: str, repository: str, reference: str, manifest_bytes: bytes, media_type: str
+    registry_url: str,
+    repository: str,
+    reference: str,
+    manifest_bytes: bytes,
+    media_type: str,
+    *,
+    auth: PushAuth = None,
 ) -> str:
     """PUT ``manifest_bytes`` as they are; returns the digest the registry reports."""
-    with httpx.Client(timeout=_TIMEOUT) as client:
+    with httpx.Client(timeout=_TIMEOUT, auth=auth) as client:
         return _put_manifest(
             client, registry_url, repository, reference, manifest_bytes, media_type
         )
 
 
-def push_blob(registry_url: str, repository: str, data: bytes) -> str:
+def push_blob(registry_url: str, repository: str, data: bytes, *, auth: PushAuth = None) -> str:
     """Upload ``data`` as a blob (unless the registry has it already); returns its digest."""
-    with httpx.Client(timeout=_TIMEOUT) as client:
+    with httpx.Client(timeout=_TIMEOUT, auth=auth) as client:
         return _Pusher(client, registry_url, repository, None).push_bytes(data)
