@@ -58,6 +58,10 @@ def prewarm_fleet(
         dict[str, list[str]] | None,
         Field(description='Pull-through mirrors per registry host, tried in order: {"ghcr.io": ["http://mirror:5000"]}'),
     ] = None,
+    credentials_block: Annotated[
+        str | None,
+        Field(description="Name of a Prefect Secret block with registry credentials, passed to every pull"),
+    ] = None,
 ) -> dict[str, str]:
     """Pull ``images`` onto ``runners``; returns {"runner image": final state}."""
     logger = get_run_logger()
@@ -68,7 +72,8 @@ def prewarm_fleet(
     if not runners:
         raise ValueError(f"no live runners in work pool {pool!r}: start a worker per runner (see README)")
     logger.info("prewarming %d image(s) on %d runner(s): %s", len(images), len(runners), ", ".join(runners))
-    parameters = {"insecure": insecure, "concurrency": concurrency, "retry_for": retry_for, "mirrors": mirrors}
+    parameters = {"insecure": insecure, "concurrency": concurrency, "retry_for": retry_for, "mirrors": mirrors,
+                  "credentials_block": credentials_block}
     started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
     finals = _wait(started)
     _publish(finals)

@@ -19,7 +19,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from tartflow.progress import reporter
+from flows.secrets import use_secret_block
 from tartflow.pull import PullSettings
+from tartflow.reference import parse_reference
 from tasks.pull import assemble_vm, fetch_layer, fetch_manifest, verify_digest
 
 __all__ = ["EGRESS_LIMIT", "pull_image"]
@@ -44,9 +46,15 @@ def pull_image(
         dict[str, list[str]] | None,
         Field(description='Pull-through mirrors per registry host, tried in order: {"ghcr.io": ["http://mirror:5000"]}'),
     ] = None,
+    credentials_block: Annotated[
+        str | None,
+        Field(description="Name of a Prefect Secret block with registry credentials (never put them in a parameter)"),
+    ] = None,
 ) -> str:
     """Pull ``reference`` into Tart's cache on this machine; returns the VM's directory."""
     started = time.monotonic()
+    if credentials_block:
+        use_secret_block(credentials_block, parse_reference(reference).host)
     settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors).__dict__
     resolved = fetch_manifest(settings, reference)
     digest = resolved["manifest_digest"]

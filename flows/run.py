@@ -29,11 +29,13 @@ def quiet_prefect(verbose: bool) -> None:
 
 
 def run_pull(
-    reference: str, *, insecure: bool, concurrency: int, retry_for: float, verbose: bool, egress_limit: str | None = None
+    reference: str, *, insecure: bool, concurrency: int, retry_for: float, verbose: bool,
+    egress_limit: str | None = None, credentials_block: str | None = None,
 ) -> str:
     quiet_prefect(verbose)
     from flows.pull import pull_image
 
     return pull_image(
-        reference=reference, insecure=insecure, concurrency=concurrency, retry_for=retry_for, egress_limit=egress_limit
+        reference=reference, insecure=insecure, concurrency=concurrency, retry_for=retry_for,
+        egress_limit=egress_limit, credentials_block=credentials_block,
     )

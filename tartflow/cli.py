@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="keep retrying temporary failures this long (default 30m)")
     pull.add_argument("--egress-limit", metavar="NAME", default=None,
                       help="hold a slot of this Prefect global concurrency limit while downloading (fleets)")
+    pull.add_argument("--credentials-block", metavar="NAME", default=None,
+                      help="registry credentials from this Prefect Secret block (fleets with a Prefect server)")
     pull.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     copy = sub.add_parser("copy", help="copy a Tart image between registries (seed a LAN registry for a fleet)")
     copy.add_argument("source", help="host[:port]/namespace[:tag|@sha256:<hex>]")
@@ -112,6 +114,7 @@ def _pull(args: argparse.Namespace) -> int:
             path = runner.run_pull(
                 args.reference, insecure=args.insecure, concurrency=args.concurrency,
                 retry_for=args.retry_for, verbose=args.verbose, egress_limit=args.egress_limit,
+                credentials_block=args.credentials_block,
             )
     except TartflowError:
         raise

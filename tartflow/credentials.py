@@ -34,7 +34,7 @@ from typing import Any
 
 from .registry.auth import IDENTITY_TOKEN_USER, Credentials
 
-__all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup"]
+__all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup", "use"]
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +51,20 @@ _helper_cache: dict[tuple[str, str], tuple[float, Credentials | None]] = {}
 _helper_lock = threading.Lock()
 
 
+_given: dict[str, Credentials] = {}
+
+
+def use(host: str, credentials: Credentials) -> None:
+    """Credentials handed over in this process (a deployment's Prefect Secret block, loaded by
+    the flow); they come before every other source, and are never written anywhere."""
+    _given[host] = credentials
+
+
 def lookup(host: str) -> Credentials | None:
     """Credentials for ``host`` (``name[:port]``) from the first source that has them, else
     None (anonymous). Never raises for a broken source; reads the environment and files anew
     on every call."""
-    return _from_env(host) or _from_docker_config(host)
+    return _given.get(host) or _from_env(host) or _from_docker_config(host)
 
 
 def _from_env(host: str) -> Credentials | None:

@@ -13,6 +13,7 @@ import os
 import secrets
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -413,3 +414,22 @@ def test_tokens_expiring_mid_download_are_renewed_and_the_pull_resumes(
     if announced == "optimistic":
         assert blob_401s, "the registry never refused an expired token: the test proves nothing"
     assert_no_secrets(result, user, prefect_server, [TOKEN_PW, *token_server.tokens()])
+
+
+# Prefect Secret block (deployments)
+
+
+def test_credentials_from_a_prefect_secret_block(
+    user: Tartflow, basic_registry: Secured, clean_env: dict[str, str], prefect_server: PrefectServer
+) -> None:
+    block = "registry-basic-" + secrets.token_hex(4)
+    code = ("import sys\nfrom prefect.blocks.system import Secret\n"
+            "Secret(value={'username': sys.argv[1], 'password': sys.argv[2]}).save(sys.argv[3])\n")
+    subprocess.run([sys.executable, "-c", code, BASIC_USER, BASIC_PW, block], env=user.env(), check=True,
+                   capture_output=True, timeout=60)
+    with FaultProxy(basic_registry.registry.url) as proxy:
+        result = pull(user, proxy, basic_registry.image, clean_env, "--credentials-block", block)
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, basic_registry.image)
+    # The block holds the password (encrypted at rest by the server); nothing else may.
+    assert_no_secrets(result, user, prefect_server, [BASIC_PW, basic(BASIC_USER, BASIC_PW)])
