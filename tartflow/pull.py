@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from urllib.parse import urlsplit
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from . import credentials
 from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError

@@ -82,7 +82,9 @@ class RegistryClient:
         settings: ClientSettings | None = None,
         credentials: CredentialLookup | None = None,
         base_url: str | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
+        """``transport`` replaces the network, for tests of corners no real registry produces."""
         self.host = host
         self.settings = settings or ClientSettings()
         scheme = "http" if self.settings.insecure else "https"
@@ -91,9 +93,10 @@ class RegistryClient:
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
         auth = RegistryAuth(host, credentials) if credentials else RegistryAuth(host)
         verify = tls_context()
-        self._http = httpx.Client(timeout=timeout, limits=limits, auth=auth, follow_redirects=False, verify=verify)
+        common = dict(timeout=timeout, limits=limits, follow_redirects=False, verify=verify, transport=transport)
+        self._http = httpx.Client(auth=auth, **common)  # type: ignore[arg-type]
         # Redirect targets (CDNs) get no registry credentials.
-        self._cdn = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, verify=verify)
+        self._cdn = httpx.Client(**common)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self._http.close()
