@@ -60,7 +60,7 @@ def pull_image(
     digest = resolved["manifest_digest"]
     results: list[dict[str, Any]] = []
     if not resolved["installed"]:
-        reporter().plan(resolved["compressed_size"], len(resolved["blobs"]))
+        reporter().plan(resolved["compressed_size"], resolved["layers_pending"])
         results = _fetch_and_verify(settings, resolved, concurrency, egress_limit or None)
     path = assemble_vm(settings, resolved["reference"], digest)
     _publish(resolved, results, time.monotonic() - started)

@@ -16,6 +16,9 @@ _QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_CLI_PROMPT": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tartflow",
+    # Prefect's client telemetry and its first-run notice: a tartflow user did not opt in to
+    # Prefect; their own DO_NOT_TRACK setting, if any, wins.
+    "DO_NOT_TRACK": "1",
 }
 #: Prefect's logging.yml can be overridden key by key from the environment; the console
 #: handler is the only one that writes to the terminal.

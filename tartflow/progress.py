@@ -42,7 +42,7 @@ class LogReporter(Reporter):
         with self._lock:
             self._total, self._layers = total_bytes, layers
             self._started = time.monotonic()
-        self._say(f"pulling {layers} blobs, {total_bytes / 1e6:.1f} MB")
+        self._say(f"pulling {total_bytes / 1e6:.1f} MB, {layers} disk layers to verify")
 
     def advance(self, nbytes: int) -> None:
         with self._lock:
@@ -55,7 +55,7 @@ class LogReporter(Reporter):
             rate = done / max(now - self._started, 1e-6)
         pct = 100.0 * done / total if total else 100.0
         self._say(f"{pct:.1f}% {done / 1e6:.1f}/{total / 1e6:.1f} MB at {rate / 1e6:.1f} MB/s, "
-                  f"{layers_done} disk layers verified")
+                  f"{layers_done}/{self._layers} layers verified")
 
     def skip(self, nbytes: int) -> None:
         with self._lock:

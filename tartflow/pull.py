@@ -118,6 +118,7 @@ class ResolvedImage:
     blobs: list[str] = field(default_factory=list)  # digests still worth fetching
     compressed_size: int = 0
     disk_size: int = 0
+    layers_pending: int = 0  # disk layers still to verify into the staging VM
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -138,13 +139,16 @@ def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
     store.put_manifest(got.digest, got.raw)
     installed = cache.is_vm(cache.digest_dir(ref, got.digest))
     blobs: list[str] = []
+    layers_pending = 0
     if not installed:
         staging = Staging(store, image)
         blobs = [d.digest for d in image.blobs if not staging.is_verified(d.digest)]
+        layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
         if settings.check_space:
             _check_space(store, staging, image, blobs, settings.space_margin)
         staging.prepare(got.raw)
-    return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size)
+    return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
+                         layers_pending)
 
 
 def load_image(settings: PullSettings, manifest_digest: str) -> tuple[Store, TartImage]:
@@ -235,7 +239,6 @@ def assemble(settings: PullSettings, reference: str, manifest_digest: str) -> st
             cache.install(ref, manifest_digest)
     staging.discard_state()
     _release_blobs(store, image)
-    reporter().note(f"{ref} is in Tart's cache at {target}")
     return str(target)
 
 

@@ -36,22 +36,27 @@ class LiveReporter(Reporter):
         self._task: TaskID = self.progress.add_task("resolving", total=None, layers="")
         self._lock = threading.Lock()
         self._layers = self._layers_done = 0
+        self._total = 0
 
     def plan(self, total_bytes: int, layers: int) -> None:
         with self._lock:
-            self._layers = layers
-            self.progress.update(self._task, description="pulling", total=total_bytes, layers=f"0/{layers} layers")
+            self._layers, self._total = layers, total_bytes
+            self.progress.update(self._task, description="pulling", total=total_bytes,
+                                 layers=f"0/{layers} layers verified")
 
     def advance(self, nbytes: int) -> None:
         self.progress.advance(self._task, nbytes)
+        if self._total and self.progress.tasks[0].completed >= self._total:
+            # Every byte is here; what remains is decoding and checking the last layers.
+            self.progress.update(self._task, description="verifying")
 
     def skip(self, nbytes: int) -> None:
-        self.progress.advance(self._task, nbytes)
+        self.advance(nbytes)
 
     def layer_done(self) -> None:
         with self._lock:
             self._layers_done += 1
-            self.progress.update(self._task, layers=f"{self._layers_done}/{self._layers} layers")
+            self.progress.update(self._task, layers=f"{self._layers_done}/{self._layers} layers verified")
 
     def waiting(self, reason: str, seconds: float) -> None:
         self.console.print(f"[yellow]{reason}; retrying in {seconds:.0f} s[/yellow]", highlight=False)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from tests.support.prefectserver import prefect_env
 
-__all__ = ["Tartflow"]
+__all__ = ["Tartflow", "command"]
 
 
-def _command() -> list[str]:
+def command() -> list[str]:
     script = Path(sys.executable).with_name("tartflow")
     return [str(script)] if script.exists() else [sys.executable, "-m", "tartflow.cli"]
 
@@ -33,11 +33,11 @@ class Tartflow:
         return env
 
     def run(self, *args: str, timeout: float = 180, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*_command(), *args], env=self.env(**extra), capture_output=True,
+        return subprocess.run([*command(), *args], env=self.env(**extra), capture_output=True,
                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
     def start(self, *args: str, **extra: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([*_command(), *args], env=self.env(**extra), stdout=subprocess.PIPE,
+        return subprocess.Popen([*command(), *args], env=self.env(**extra), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
 
     @property
