@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -27,14 +28,29 @@ ZERO_CHUNK = 64 * 1024
 _ZEROS = bytes(ZERO_CHUNK)
 #: Compressed bytes per decoder feed: one feed's output is held at once, and zeros compress
 #: 255:1, so a small feed bounds memory (and decodes faster than a large one).
-_FEED = 128 * 1024
+_FEED = 64 * 1024
 #: Plain reads of already decoded bytes (local copies from Tart's cache).
 _READ = 4 * 1024 * 1024
+
+
+#: Decodes at once in this process: decoding is CPU-bound, so more than one per core gains
+#: nothing, and each holds a feed's output; bounding them keeps memory flat however many
+#: layers an image has.
+DECODE_SLOTS = threading.BoundedSemaphore(os.cpu_count() or 2)
 
 
 def decode_layer(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
     """Decode ``blob`` into ``disk_fd`` at ``layer.offset``; raise CorruptLayerError unless the
     decoded bytes match the layer's uncompressed size and content digest exactly."""
+    while not DECODE_SLOTS.acquire(timeout=0.5):
+        cancel.check()  # a Ctrl+C must not wait for other layers' decodes
+    try:
+        _decode(blob, layer, disk_fd, dirty=dirty)
+    finally:
+        DECODE_SLOTS.release()
+
+
+def _decode(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
     decoder = AppleLZ4Decoder(layer.uncompressed_size)
 
     def pieces() -> Iterator[bytes | memoryview]:
