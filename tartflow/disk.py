@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from . import cancel
@@ -20,7 +19,7 @@ from .lz4apple import AppleLZ4Decoder
 from .manifest import DiskLayer
 from .progress import reporter
 
-__all__ = ["ZERO_CHUNK", "copy_layer", "decode_layer", "write_verified"]
+__all__ = ["ZERO_CHUNK", "LayerDecoder", "copy_layer", "decode_layer"]
 
 #: Granularity of hole detection: small enough to find holes inside blocks, large enough that
 #: the Python loop over chunks costs nothing next to decoding.
@@ -45,62 +44,91 @@ def decode_layer(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> 
     while not DECODE_SLOTS.acquire(timeout=0.5):
         cancel.check()  # a Ctrl+C must not wait for other layers' decodes
     try:
-        _decode(blob, layer, disk_fd, dirty=dirty)
-    finally:
-        DECODE_SLOTS.release()
-
-
-def _decode(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
-    decoder = AppleLZ4Decoder(layer.uncompressed_size)
-
-    def pieces() -> Iterator[bytes | memoryview]:
+        decoder = LayerDecoder(layer, disk_fd, dirty=dirty)
         with open(blob, "rb") as src:
             while data := src.read(_FEED):
-                yield from decoder.feed(data)
+                decoder.feed(data)
                 cancel.check()
         decoder.finish()
-
-    write_verified(pieces(), layer, disk_fd, dirty=dirty, what=f"disk layer {layer.blob.digest[:19]}")
+    finally:
+        DECODE_SLOTS.release()
 
 
 def copy_layer(source: Path, source_offset: int, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
     """Copy an already decoded layer from another VM's ``disk.img`` (holes read back as zeros
     and stay holes), verified against the layer's content digest like a decode."""
-
-    def pieces() -> Iterator[bytes]:
-        with open(source, "rb") as src:
-            src.seek(source_offset)
-            left = layer.uncompressed_size
-            while left and (data := src.read(min(_READ, left))):
-                left -= len(data)
-                yield data
-                cancel.check()
-
-    write_verified(pieces(), layer, disk_fd, dirty=dirty, what=f"local copy of layer {layer.blob.digest[:19]}")
+    writer = _Writer(layer, disk_fd, dirty, f"local copy of layer {layer.blob.digest[:19]}")
+    with open(source, "rb") as src:
+        src.seek(source_offset)
+        left = layer.uncompressed_size
+        while left and (data := src.read(min(_READ, left))):
+            left -= len(data)
+            writer.write(data)
+            cancel.check()
+    writer.finish()
 
 
-def write_verified(
-    pieces: Iterable[bytes | memoryview], layer: DiskLayer, disk_fd: int, *, dirty: bool, what: str
-) -> None:
-    """Write ``pieces`` at ``layer.offset``, hashing as they pass; raise CorruptLayerError unless
-    exactly ``uncompressed_size`` bytes with ``uncompressed_digest`` went by."""
-    hasher = hashlib.sha256()
-    position = layer.offset
-    end = layer.offset + layer.uncompressed_size
-    for piece in pieces:
-        if position + len(piece) > end:
-            raise CorruptLayerError(f"{what} is longer than its declared {layer.uncompressed_size} bytes")
-        hasher.update(piece)
-        _write_sparse(disk_fd, piece, position, dirty)
-        position += len(piece)
-    if position != end:
-        raise CorruptLayerError(f"{what} has {position - layer.offset} bytes, not the declared {layer.uncompressed_size}")
-    actual = "sha256:" + hasher.hexdigest()
-    if actual != layer.uncompressed_digest:
-        raise CorruptLayerError(
-            f"{what} has content {actual[:19]}..., not {layer.uncompressed_digest[:19]}... as the manifest says"
-        )
-    reporter().layer_done()
+class LayerDecoder:
+    """Decodes one disk layer from compressed bytes handed over in any slices (straight from
+    the network, or read back from a blob) into ``disk.img``, verified as it goes.
+
+    ``reset()`` starts the layer over (a restarted download); from then on the region may hold
+    stale bytes, so zero chunks are cleared where needed instead of skipped.
+    """
+
+    def __init__(self, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
+        self.layer, self.fd, self._dirty = layer, disk_fd, dirty
+        self.finished = False
+        self._start()
+
+    def _start(self) -> None:
+        self._decoder = AppleLZ4Decoder(self.layer.uncompressed_size)
+        self._writer = _Writer(self.layer, self.fd, self._dirty, f"disk layer {self.layer.blob.digest[:19]}")
+
+    def reset(self) -> None:
+        if self._writer.position != self.layer.offset:
+            self._dirty = True
+        self._start()
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, view.nbytes, _FEED):  # small feeds bound what one call decodes
+            for piece in self._decoder.feed(view[start : start + _FEED]):
+                self._writer.write(piece)
+
+    def finish(self) -> None:
+        self._decoder.finish()
+        self._writer.finish()
+        self.finished = True
+
+
+class _Writer:
+    """Writes decoded bytes from ``layer.offset`` on, hashing as they pass; ``finish`` raises
+    CorruptLayerError unless exactly ``uncompressed_size`` bytes with ``uncompressed_digest``
+    went by."""
+
+    def __init__(self, layer: DiskLayer, fd: int, dirty: bool, what: str) -> None:
+        self.layer, self.fd, self.dirty, self.what = layer, fd, dirty, what
+        self.hasher = hashlib.sha256()
+        self.position = layer.offset
+        self.end = layer.offset + layer.uncompressed_size
+
+    def write(self, piece: bytes | memoryview) -> None:
+        if self.position + len(piece) > self.end:
+            raise CorruptLayerError(f"{self.what} is longer than its declared {self.layer.uncompressed_size} bytes")
+        self.hasher.update(piece)
+        _write_sparse(self.fd, piece, self.position, self.dirty)
+        self.position += len(piece)
+
+    def finish(self) -> None:
+        size = self.layer.uncompressed_size
+        if self.position != self.end:
+            raise CorruptLayerError(f"{self.what} has {self.position - self.layer.offset} bytes, not the declared {size}")
+        actual = "sha256:" + self.hasher.hexdigest()
+        if actual != self.layer.uncompressed_digest:
+            raise CorruptLayerError(f"{self.what} has content {actual[:19]}..., not "
+                                    f"{self.layer.uncompressed_digest[:19]}... as the manifest says")
+        reporter().layer_done()
 
 
 def _write_sparse(fd: int, data: bytes | memoryview, offset: int, dirty: bool) -> None:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 
 from . import cancel
-from .errors import DigestMismatchError, RegistryError, TartflowError
+from .disk import LayerDecoder
+from .errors import CorruptLayerError, DigestMismatchError, RegistryError, TartflowError
 from .manifest import Descriptor
 from .progress import reporter
 from .registry.mirrors import BlobSource
@@ -39,9 +40,15 @@ class FetchResult:
 
 
 def fetch_blob(
-    store: Store, client: BlobSource, repository: str, desc: Descriptor, policy: RetryPolicy
+    store: Store, client: BlobSource, repository: str, desc: Descriptor, policy: RetryPolicy,
+    decoder: LayerDecoder | None = None,
 ) -> FetchResult:
-    """Make ``desc`` a committed blob in ``store``; returns at once if it already is."""
+    """Make ``desc`` a committed blob in ``store``; returns at once if it already is.
+
+    With a ``decoder``, the disk layer is decoded into the staging VM as its bytes arrive (and
+    from the partial on disk when resuming), so nothing is read back once the blob is in;
+    bytes that do not decode count as a digest mismatch.
+    """
     started = time.monotonic()
     if store.has_blob(desc.digest, desc.size):
         return _already_there(store, desc)
@@ -52,7 +59,7 @@ def fetch_blob(
     with store.ingest(desc.digest, on_wait=waiting) as ingest:
         if store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
             return _already_there(store, desc)
-        download = _Download(ingest, client, repository, desc, policy.max_digest_mismatches)
+        download = _Download(ingest, client, repository, desc, policy.max_digest_mismatches, decoder)
         reporter().skip(download.offset)
         resumed_from = download.offset
         retrying(download.attempt, policy, on_wait=_report_wait)
@@ -74,9 +81,11 @@ class _Download:
     """The state of one download across attempts: bytes on disk and their running hash."""
 
     def __init__(
-        self, ingest: Ingest, client: BlobSource, repository: str, desc: Descriptor, max_mismatches: int
+        self, ingest: Ingest, client: BlobSource, repository: str, desc: Descriptor, max_mismatches: int,
+        decoder: LayerDecoder | None,
     ) -> None:
         self.ingest, self.client, self.repository, self.desc = ingest, client, repository, desc
+        self.decoder = decoder
         self.fetched = 0
         self.mismatches, self.max_mismatches = 0, max_mismatches
         self.hasher = hashlib.sha256()
@@ -88,16 +97,26 @@ class _Download:
         if offset > self.desc.size:
             self.ingest.discard()
             return 0
-        if offset:
+        try:
             with open(self.ingest.data, "rb") as f:
-                while chunk := f.read(_REHASH_CHUNK):
+                while offset and (chunk := f.read(_REHASH_CHUNK)):
                     self.hasher.update(chunk)
+                    if self.decoder is not None:
+                        self.decoder.feed(chunk)
+        except (FileNotFoundError, CorruptLayerError):  # no partial, or one that cannot be right
+            self.ingest.discard()
+            self.hasher = hashlib.sha256()
+            if self.decoder is not None:
+                self.decoder.reset()
+            return 0
         return offset
 
     def restart(self) -> None:
         self.ingest.discard()
         reporter().skip(-self.offset)
         self.hasher, self.offset = hashlib.sha256(), 0
+        if self.decoder is not None:
+            self.decoder.reset()
 
     def attempt(self) -> None:
         """One request for the bytes still missing; raises temporary errors to be retried.
@@ -126,6 +145,8 @@ class _Download:
             )
         if "sha256:" + self.hasher.hexdigest() != self.desc.digest:
             raise DigestMismatchError(f"blob {self.desc.digest[:19]}: sha256 of the bytes received differs")
+        if self.decoder is not None:
+            self.decoder.finish()  # decoded size and content digest
 
     def _stream(self) -> None:
         before = self.offset
@@ -153,6 +174,8 @@ class _Download:
                     )
                 out.write(chunk)
                 self.hasher.update(chunk)
+                if self.decoder is not None:
+                    self.decoder.feed(chunk)
                 self.offset += len(chunk)
                 self.fetched += len(chunk)
                 reporter_.advance(len(chunk))

@@ -181,10 +181,17 @@ def fetch(
     if not store.has_blob(digest, desc.size) and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size)
+    client, policy = settings.client(ref), settings.policy()
     if store.has_blob(digest, desc.size):
-        return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
+        return fetch_blob(store, client, ref.repository, desc, policy)
+    # A disk layer made of this blob alone is decoded as it downloads; a blob several layers
+    # share (identical chunks) is decoded from the store by verify, once per layer.
+    layers = [i for i, layer in enumerate(image.disk_layers) if layer.blob.digest == digest]
     with gate():
-        return fetch_blob(store, settings.client(ref), ref.repository, desc, settings.policy())
+        if len(layers) != 1:
+            return fetch_blob(store, client, ref.repository, desc, policy)
+        with Staging(store, image).decoding(layers[0]) as decoder:
+            return fetch_blob(store, client, ref.repository, desc, policy, decoder)
 
 
 @translate_os_errors

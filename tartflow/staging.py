@@ -13,17 +13,25 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import filelock
 
-from .disk import copy_layer, decode_layer
+from .disk import LayerDecoder, copy_layer, decode_layer
 from .errors import StoreError
 from .manifest import Descriptor, TartImage
 from .reference import digest_hex
 from .store import Store, atomic_write
 
 __all__ = ["Staging"]
+
+
+@dataclass
+class _Slot:
+    fd: int
+    dirty: bool
+    done: bool = False
 
 
 class Staging:
@@ -90,23 +98,47 @@ class Staging:
         layer = self.image.disk_layers[index]
         return self._fill(index, lambda fd, dirty: copy_layer(source, source_offset, layer, fd, dirty=dirty))
 
+    @contextmanager
+    def decoding(self, index: int) -> Iterator[LayerDecoder | None]:
+        """A decoder for disk layer ``index`` to feed while its blob downloads (None if the layer
+        is done). The layer counts as done only if the decoder finished, verified."""
+        with self._filling(index) as slot:
+            decoder = None if slot is None else LayerDecoder(self.image.disk_layers[index], slot.fd, dirty=slot.dirty)
+            yield decoder
+            if slot is not None and decoder is not None:
+                slot.done = decoder.finished
+
     def _fill(self, index: int, write: Callable[[int, bool], None]) -> bool:
+        with self._filling(index) as slot:
+            if slot is None:
+                return False
+            write(slot.fd, slot.dirty)
+            slot.done = True
+        return True
+
+    @contextmanager
+    def _filling(self, index: int) -> Iterator[_Slot | None]:
+        """Hold layer ``index`` for writing: its lock, its dirty marker, an open ``disk.img``.
+        The done marker is written only if the holder set ``done``; None if already done."""
         with self.locked(f"layer-{index}"):
             if self.layer_done(index):
-                return False
+                yield None
+                return
             self._require_prepared()
             self.state.mkdir(parents=True, exist_ok=True)
             dirty = self._marker(index, "dirty")
             was_dirty = dirty.exists()
             dirty.touch()
-            fd = os.open(self.dir / "disk.img", os.O_RDWR if was_dirty else os.O_WRONLY)
+            # Read-write even when clean: a restarted download turns the layer dirty, and clearing
+            # stale bytes reads before it writes.
+            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty)
             try:
-                write(fd, was_dirty)
+                yield slot
             finally:
-                os.close(fd)
-            self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
-            dirty.unlink()
-        return True
+                os.close(slot.fd)
+            if slot.done:
+                self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
+                dirty.unlink()
 
     def place(self, name: str, desc: Descriptor, data: bytes) -> None:
         """Put a small verified blob (config.json, nvram.bin) into the staging VM."""
