@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, cast
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -21,7 +21,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.variables import Variable
-from pydantic import Field
+
+from flows.params import Concurrency, Mirrors, RetryFor
 
 __all__ = ["CONTROL_QUEUE", "IMAGES_VARIABLE", "POOL", "PULL_DEPLOYMENT", "live_runners", "prewarm_fleet"]
 
@@ -42,28 +43,30 @@ def live_runners(pool: str = POOL) -> list[str]:
 
 @flow(name="prewarm-fleet", log_prints=False)
 def prewarm_fleet(
-    images: Annotated[
-        list[str] | None,
-        Field(description=f"Tart images to pull; empty: the Prefect Variable {IMAGES_VARIABLE!r}"),
-    ] = None,
-    runners: Annotated[
-        list[str] | None,
-        Field(description="Runner work queues to fill; empty: every queue with a live worker (last 10 min)"),
-    ] = None,
-    insecure: Annotated[bool, Field(description="Plain HTTP to the registry, as `tart pull --insecure`")] = False,
-    concurrency: Annotated[int, Field(ge=1, le=32, description="Layer downloads in flight per runner")] = 4,
-    retry_for: Annotated[float, Field(ge=0, description="Seconds each pull keeps retrying temporary failures")] = 1800,
-    pool: Annotated[str, Field(description="The work pool whose queues are the runners")] = POOL,
-    mirrors: Annotated[
-        dict[str, list[str]] | None,
-        Field(description='Pull-through mirrors per registry host, tried in order: {"ghcr.io": ["http://mirror:5000"]}'),
-    ] = None,
-    credentials_block: Annotated[
-        str | None,
-        Field(description="Name of a Prefect Secret block with registry credentials, passed to every pull"),
-    ] = None,
+    images: list[str] | None = None,
+    runners: list[str] | None = None,
+    insecure: bool = False,
+    concurrency: Concurrency = 4,
+    retry_for: RetryFor = 1800,
+    pool: str = POOL,
+    mirrors: Mirrors = None,
+    credentials_block: str | None = None,
 ) -> dict[str, str]:
-    """Pull ``images`` onto ``runners``; returns {"runner image": final state}."""
+    """Pull images onto runners of the fleet in parallel; returns {"runner image": final state}.
+
+    Args:
+        images: Tart images to pull; empty: the JSON list in the Prefect Variable tartflow-images.
+        runners: Runner work queues to fill; empty: every queue of the pool with a worker seen
+            in the last 10 minutes.
+        insecure: Plain HTTP to the registry, as `tart pull --insecure`.
+        concurrency: Layer downloads in flight on each runner (1-32).
+        retry_for: Seconds each pull keeps retrying temporary failures such as egress limits.
+        pool: The work pool whose queues are the runners.
+        mirrors: Pull-through mirrors per registry host, tried in order,
+            e.g. {"ghcr.io": ["http://mirror.lan:5000"]}.
+        credentials_block: Name of a Prefect Secret block holding registry credentials,
+            passed to every pull.
+    """
     logger = get_run_logger()
     images = images or list(Variable.get(IMAGES_VARIABLE, default=[]) or [])
     if not images:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from typing import Annotated, Any
+from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field
+
+from flows.params import Concurrency, Mirrors, RetryFor
 
 from tartflow.progress import reporter
 from flows.secrets import use_secret_block
@@ -34,24 +35,28 @@ EGRESS_LIMIT = "tartflow-egress"
 
 @flow(name="pull-image", task_runner=ThreadPoolTaskRunner(max_workers=_POOL), log_prints=False)  # type: ignore[arg-type]
 def pull_image(
-    reference: Annotated[str, Field(description="Tart image, e.g. ghcr.io/cirruslabs/macos-sequoia-base:latest")],
-    insecure: Annotated[bool, Field(description="Plain HTTP to the registry, as `tart pull --insecure`")] = False,
-    concurrency: Annotated[int, Field(ge=1, le=32, description="Layer downloads in flight on this runner")] = 4,
-    retry_for: Annotated[float, Field(ge=0, description="Seconds to keep retrying temporary failures")] = 1800,
-    egress_limit: Annotated[
-        str | None,
-        Field(description="Prefect global concurrency limit held while a layer downloads; empty for none"),
-    ] = EGRESS_LIMIT,
-    mirrors: Annotated[
-        dict[str, list[str]] | None,
-        Field(description='Pull-through mirrors per registry host, tried in order: {"ghcr.io": ["http://mirror:5000"]}'),
-    ] = None,
-    credentials_block: Annotated[
-        str | None,
-        Field(description="Name of a Prefect Secret block with registry credentials (never put them in a parameter)"),
-    ] = None,
+    reference: str,
+    insecure: bool = False,
+    concurrency: Concurrency = 4,
+    retry_for: RetryFor = 1800,
+    egress_limit: str | None = EGRESS_LIMIT,
+    mirrors: Mirrors = None,
+    credentials_block: str | None = None,
 ) -> str:
-    """Pull ``reference`` into Tart's cache on this machine; returns the VM's directory."""
+    """Pull a Tart image into Tart's cache on this machine; returns the VM's directory.
+
+    Args:
+        reference: Tart image, e.g. ghcr.io/cirruslabs/macos-sequoia-base:latest
+        insecure: Plain HTTP to the registry, as `tart pull --insecure`.
+        concurrency: Layer downloads in flight on this runner (1-32).
+        retry_for: Seconds to keep retrying temporary failures such as CDN egress limits.
+        egress_limit: Prefect global concurrency limit held while a layer downloads
+            (bounds downloads across the fleet); empty for none.
+        mirrors: Pull-through mirrors per registry host, tried in order,
+            e.g. {"ghcr.io": ["http://mirror.lan:5000"]}.
+        credentials_block: Name of a Prefect Secret block holding registry credentials
+            (never put credentials in a parameter).
+    """
     started = time.monotonic()
     if credentials_block:
         use_secret_block(credentials_block, parse_reference(reference).host)
