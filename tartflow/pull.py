@@ -3,9 +3,12 @@ paths), so that Prefect tasks can be thin wrappers and a restarted flow can skip
 
 1. ``resolve``: fetch the manifest (an index resolves to its darwin/arm64 manifest), validate
    it as a Tart VM, keep its bytes in the store, check space, prepare the staging VM.
-2. ``fetch``: one blob into the store (resumable, verified while streaming).
-3. ``verify``: decode a disk blob into the staging ``disk.img`` checking the uncompressed size
-   and content digest (or place config/NVRAM); nothing unverified is ever assembled.
+2. ``fetch``: one blob, from a VM in Tart's cache that has it, else into the store
+   (resumable, verified while streaming); a disk layer made of that blob alone is decoded
+   into the staging ``disk.img`` on the way in.
+3. ``verify``: make sure every disk layer of a blob is decoded and verified against its
+   uncompressed size and content digest (decoding from the store what was not decoded on the
+   way in), and place config/NVRAM; nothing unverified is ever assembled.
 4. ``assemble``: move the staging VM into Tart's cache and point the tag at it.
 """
 

@@ -91,7 +91,8 @@ def fetch_layer(
 def verify_digest(
     settings: dict[str, Any], reference: str, manifest_digest: str, digest: str, fetched: dict[str, Any]
 ) -> int:
-    """Second verification: decode the blob into the staging VM against its content digest."""
+    """Second verification: every disk layer of the blob decoded into the staging VM and
+    checked against its content digest (done on the way in for most), config/NVRAM placed."""
     return core.verify(_settings(settings), reference, manifest_digest, digest)
 
 
