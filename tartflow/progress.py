@@ -41,7 +41,7 @@ class LogReporter(Reporter):
     def plan(self, total_bytes: int, layers: int) -> None:
         with self._lock:
             self._total, self._layers = total_bytes, layers
-            self._started = time.monotonic()
+            self._started = self._last = time.monotonic()  # first progress line one interval in
         self._say(f"pulling {total_bytes / 1e6:.1f} MB, {layers} disk layers to verify")
 
     def advance(self, nbytes: int) -> None:
