@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import parse_manifest
 from .store import Store, is_locked
 
 __all__ = ["GcReport", "collect"]
@@ -56,7 +55,6 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
             report.kept_locked.append(f"partial {ingest.name[:12]} ({store.lock_holder('sha256:' + ingest.name)})")
         elif now - _newest_write(ingest) > older_than:
             remove(ingest, f"partial download {ingest.name[:12]}")
-    wanted: set[str] = set()
     for staging in sorted(p for p in (store.root / "staging").glob("*") if not p.name.endswith(".state")):
         state = staging.with_name(staging.name + ".state")
         if any(is_locked(lock) for lock in (store.root / "locks" / staging.name).glob("*.lock")):
@@ -64,12 +62,7 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
         elif now - _newest_write(staging) > older_than:
             remove(staging, f"staging VM {staging.name[:12]}")
             shutil.rmtree(state, ignore_errors=True)
-            continue
-        try:
-            raw = (staging / "manifest.json").read_bytes()
-            wanted.update(d.digest for d in parse_manifest(raw, "sha256:" + staging.name).blobs)
-        except Exception:
-            continue
+    wanted = store.staged_blobs()  # what the staging VMs that remain still need
     for blob in sorted((store.root / "blobs" / "sha256").glob("*")):
         if "sha256:" + blob.name not in wanted and now - blob.stat().st_mtime > older_than:
             remove(blob, f"blob {blob.name[:12]}")

@@ -138,9 +138,9 @@ def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
         if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
             raise ImageFormatError(f"{ref}: an image index points to another index; not a Tart VM image")
     image = parse_manifest(got.raw, got.digest)
-    store, cache = settings.open_store(), settings.cache()
+    store = settings.open_store()
     store.put_manifest(got.digest, got.raw)
-    installed = cache.is_vm(cache.digest_dir(ref, got.digest))
+    installed = _installed(settings, ref, got.digest)
     blobs: list[str] = []
     layers_pending = 0
     if not installed:
@@ -181,11 +181,12 @@ def fetch(
     if _installed(settings, ref, manifest_digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, desc.size, 0.0)
-    if not store.has_blob(digest, desc.size) and reuse_local(settings.cache(), Staging(store, image), digest):
+    stored = store.has_blob(digest, desc.size)
+    if not stored and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size)
     client, policy = settings.client(ref), settings.policy()
-    if store.has_blob(digest, desc.size):
+    if stored:
         return fetch_blob(store, client, ref.repository, desc, policy)
     # A disk layer made of this blob alone is decoded as it downloads; a blob several layers
     # share (identical chunks) is decoded from the store by verify, once per layer.
@@ -277,12 +278,7 @@ def _check_space(store: Store, staging: Staging, image: TartImage, pending: list
 def _release_blobs(store: Store, image: TartImage) -> None:
     """Drop this image's compressed blobs once it is installed, unless another staging VM
     (a pull in progress) still lists them: the decoded VM in Tart's cache is what is kept."""
-    wanted: set[str] = set()
-    for manifest in (store.root / "staging").glob("*/manifest.json"):
-        try:
-            wanted.update(d.digest for d in parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name).blobs)
-        except Exception:
-            continue
+    wanted = store.staged_blobs()
     for desc in image.blobs:
         if desc.digest not in wanted and not store.ingest_is_locked(desc.digest):
             store.blob_path(desc.digest).unlink(missing_ok=True)

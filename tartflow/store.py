@@ -36,7 +36,8 @@ from typing import Any, BinaryIO, TypeVar
 import filelock
 
 from . import cancel
-from .errors import InsufficientSpaceError, StoreError
+from .errors import InsufficientSpaceError, StoreError, TartflowError
+from .manifest import parse_manifest
 from .reference import digest_hex
 
 __all__ = ["Store", "atomic_write", "fsync_dir", "is_locked", "translate_os_errors"]
@@ -129,6 +130,17 @@ class Store:
         if not path.exists():
             atomic_write(path, raw)
         return path
+
+    def staged_blobs(self) -> set[str]:
+        """Digests of every blob a staging VM (a pull in progress) still lists."""
+        wanted: set[str] = set()
+        for manifest in (self.root / "staging").glob("*/manifest.json"):
+            try:
+                image = parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name)
+            except (TartflowError, OSError):  # an unreadable staging manifest protects nothing
+                continue
+            wanted.update(d.digest for d in image.blobs)
+        return wanted
 
     def read_manifest(self, digest: str) -> bytes:
         try:
