@@ -63,9 +63,6 @@ class Reference:
     def name(self) -> str:
         return f"{self.host}/{self.repository}"
 
-    def with_digest(self, digest: str) -> Reference:
-        return Reference(self.host, self.repository, None, validate_digest(digest))
-
     def __str__(self) -> str:
         if self.digest:
             return f"{self.name}@{self.digest}"
