@@ -9,6 +9,7 @@ survive and holes stay holes. Memory is one decoded block plus the 64 KiB LZ4 wi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 from pathlib import Path
@@ -133,46 +134,27 @@ class _Writer:
 
 def _write_sparse(fd: int, data: bytes | memoryview, offset: int, dirty: bool) -> None:
     view = memoryview(data)
-    if view.nbytes > 2 * ZERO_CHUNK and (data if isinstance(data, bytes) else bytes(view)).find(_ZEROS) < 0:
-        # No 64 KiB run of zeros anywhere, so no zero chunk either: one write, found in C
-        # instead of a Python loop over chunks (most pieces of real disks take this path).
-        _pwrite_all(fd, view, offset)
+    size = view.nbytes
+    if not size:
         return
-    if view.nbytes <= ZERO_CHUNK:
-        _write_chunk(fd, view, offset, dirty)
-        return
-    # Leading partial chunk so later chunks are aligned with the file's blocks.
-    head = (-offset) % ZERO_CHUNK
-    start = 0
-    if head:
-        _write_chunk(fd, view[:head], offset, dirty)
-        start = head
+    # Chunks are aligned with the file's blocks: a leading partial chunk first. A chunk is
+    # zero when the zero buffer starts with it: a memcmp on the view, which stops at the first
+    # non-zero byte (mostly the first) and copies nothing.
+    first = min(size, (-offset) % ZERO_CHUNK or ZERO_CHUNK)
+    bounds = [0, *range(first, size, ZERO_CHUNK), size]
     run_start = -1  # start of a pending run of non-zero chunks, written with one pwrite
-    for pos in range(start, view.nbytes, ZERO_CHUNK):
-        chunk = view[pos : pos + ZERO_CHUNK]
-        if _is_zero(chunk):
+    for start, stop in itertools.pairwise(bounds):
+        chunk = view[start:stop]
+        if _ZEROS.startswith(chunk):
             if run_start >= 0:
-                _pwrite_all(fd, view[run_start:pos], offset + run_start)
+                _pwrite_all(fd, view[run_start:start], offset + run_start)
                 run_start = -1
             if dirty:
-                _clear_if_needed(fd, chunk.nbytes, offset + pos)
+                _clear_if_needed(fd, chunk.nbytes, offset + start)
         elif run_start < 0:
-            run_start = pos
+            run_start = start
     if run_start >= 0:
         _pwrite_all(fd, view[run_start:], offset + run_start)
-
-
-def _write_chunk(fd: int, chunk: memoryview, offset: int, dirty: bool) -> None:
-    if not _is_zero(chunk):
-        _pwrite_all(fd, chunk, offset)
-    elif dirty:
-        _clear_if_needed(fd, chunk.nbytes, offset)
-
-
-def _is_zero(chunk: memoryview) -> bool:
-    # bytes(chunk) == _ZEROS is a memcpy and a memcmp; comparing memoryviews directly walks
-    # them element by element and is fifty times slower.
-    return bytes(chunk) == (_ZEROS if chunk.nbytes == ZERO_CHUNK else bytes(chunk.nbytes))
 
 
 def _clear_if_needed(fd: int, length: int, offset: int) -> None:
