@@ -8,7 +8,8 @@ paths), so that Prefect tasks can be thin wrappers and a restarted flow can skip
    into the staging ``disk.img`` on the way in.
 3. ``verify``: make sure every disk layer of a blob is decoded and verified against its
    uncompressed size and content digest (decoding from the store what was not decoded on the
-   way in), and place config/NVRAM; nothing unverified is ever assembled.
+   way in), and place config/NVRAM; nothing unverified is ever assembled. A disk layer's
+   blob is then dropped from the store (its decoded bytes are what is kept).
 4. ``assemble``: move the staging VM into Tart's cache and point the tag at it.
 """
 
@@ -228,6 +229,8 @@ def verify(settings: PullSettings, reference: str, manifest_digest: str, digest:
         # bytes: the image itself is broken. Drop the blob so nothing unverified lingers.
         blob.unlink(missing_ok=True)
         raise CorruptLayerError(f"{exc.message}; the image in the registry is corrupt: re-push it") from None
+    if any(layer.blob.digest == digest for layer in image.disk_layers) and staging.is_verified(digest):
+        _release_blobs(store, image, [digest])
     return written
 
 
@@ -275,10 +278,10 @@ def _check_space(store: Store, staging: Staging, image: TartImage, pending: list
         )
 
 
-def _release_blobs(store: Store, image: TartImage) -> None:
-    """Drop this image's compressed blobs once it is installed, unless another staging VM
-    (a pull in progress) still lists them: the decoded VM in Tart's cache is what is kept."""
-    wanted = store.staged_blobs()
-    for desc in image.blobs:
-        if desc.digest not in wanted and not store.ingest_is_locked(desc.digest):
-            store.blob_path(desc.digest).unlink(missing_ok=True)
+def _release_blobs(store: Store, image: TartImage, digests: list[str] | None = None) -> None:
+    """Drop compressed blobs of this image (all, or ``digests``) whose decoded form is kept,
+    unless another staging VM (a pull in progress) still lists them."""
+    wanted = store.staged_blobs(besides=image.manifest_digest)
+    for digest in digests if digests is not None else [d.digest for d in image.blobs]:
+        if digest not in wanted and not store.ingest_is_locked(digest):
+            store.blob_path(digest).unlink(missing_ok=True)

@@ -131,10 +131,14 @@ class Store:
             atomic_write(path, raw)
         return path
 
-    def staged_blobs(self) -> set[str]:
-        """Digests of every blob a staging VM (a pull in progress) still lists."""
+    def staged_blobs(self, *, besides: str | None = None) -> set[str]:
+        """Digests of every blob a staging VM (a pull in progress) still lists; ``besides``
+        leaves out the staging VM of that manifest digest."""
         wanted: set[str] = set()
+        skip = digest_hex(besides) if besides else None
         for manifest in (self.root / "staging").glob("*/manifest.json"):
+            if manifest.parent.name == skip:
+                continue
             try:
                 image = parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name)
             except (TartflowError, OSError):  # an unreadable staging manifest protects nothing
