@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import cancel
 from .disk import LayerDecoder
@@ -20,6 +22,9 @@ from .progress import reporter
 from .registry.mirrors import BlobSource
 from .registry.retry import RetryPolicy, retrying
 from .store import Ingest, Store
+
+if TYPE_CHECKING:
+    from .staging import LayerFill
 
 __all__ = ["FetchResult", "fetch_blob"]
 
@@ -41,13 +46,16 @@ class FetchResult:
 
 def fetch_blob(
     store: Store, client: BlobSource, repository: str, desc: Descriptor, policy: RetryPolicy,
-    decoder: LayerDecoder | None = None,
+    fill: LayerFill | None = None, keep: Callable[[], bool] = lambda: True,
 ) -> FetchResult:
     """Make ``desc`` a committed blob in ``store``; returns at once if it already is.
 
-    With a ``decoder``, the disk layer is decoded into the staging VM as its bytes arrive (and
-    from the partial on disk when resuming), so nothing is read back once the blob is in;
-    bytes that do not decode count as a digest mismatch.
+    With a ``fill``, the disk layer is decoded into the staging VM as its bytes arrive (and
+    from the partial on disk when resuming), so nothing is read back; bytes that do not decode
+    count as a digest mismatch. Once both digests match, the layer is marked done and the
+    compressed bytes are dropped instead of committed unless ``keep()`` says another pull
+    needs them: the decoded layer is what is kept, so they are never flushed to disk (the
+    result's ``path`` is then empty).
     """
     started = time.monotonic()
     if store.has_blob(desc.digest, desc.size):
@@ -59,13 +67,19 @@ def fetch_blob(
     with store.ingest(desc.digest, on_wait=waiting) as ingest:
         if store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
             return _already_there(store, desc)
+        decoder = fill.decoder if fill is not None else None
         download = _Download(ingest, client, repository, desc, policy.max_digest_mismatches, decoder)
         reporter().skip(download.offset)
         resumed_from = download.offset
         retrying(download.attempt, policy, on_wait=_report_wait)
-        path = ingest.commit()
-    return FetchResult(desc.digest, desc.size, str(path), download.fetched, resumed_from,
-                       time.monotonic() - started)
+        path = ""
+        if fill is not None:
+            fill.finish()  # under the blob's lock: no other process resumes from the partial meanwhile
+        if fill is None or keep():
+            path = str(ingest.commit())
+        else:
+            ingest.discard()
+    return FetchResult(desc.digest, desc.size, path, download.fetched, resumed_from, time.monotonic() - started)
 
 
 def _already_there(store: Store, desc: Descriptor) -> FetchResult:

@@ -195,8 +195,15 @@ def fetch(
     with gate():
         if len(layers) != 1:
             return fetch_blob(store, client, ref.repository, desc, policy)
-        with Staging(store, image).decoding(layers[0]) as decoder:
-            return fetch_blob(store, client, ref.repository, desc, policy, decoder)
+        with Staging(store, image).decoding(layers[0]) as fill:
+            if fill is None:  # another pull of this image verified the layer meanwhile
+                reporter().skip(desc.size)
+                return FetchResult(digest, desc.size, "", 0, desc.size, 0.0)
+
+            def wanted_elsewhere() -> bool:  # a pull of another image that shares this layer
+                return digest in store.staged_blobs(besides=manifest_digest)
+
+            return fetch_blob(store, client, ref.repository, desc, policy, fill, keep=wanted_elsewhere)
 
 
 @translate_os_errors

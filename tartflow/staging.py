@@ -24,14 +24,36 @@ from .manifest import Descriptor, TartImage
 from .reference import digest_hex
 from .store import Store, atomic_write
 
-__all__ = ["Staging"]
+__all__ = ["LayerFill", "Staging"]
 
 
 @dataclass
 class _Slot:
     fd: int
     dirty: bool
+    mark_done: Callable[[], None]
     done: bool = False
+
+    def finish(self) -> None:
+        """The layer is written and verified: make its bytes durable, then mark it done."""
+        if not self.done:
+            _sync_data(self.fd)
+            self.mark_done()
+            self.done = True
+
+
+class LayerFill:
+    """A disk layer being decoded while its blob downloads: feed ``decoder``; once the blob and
+    the decoded bytes are verified, ``finish()`` marks the layer done, durably, so the caller
+    may then drop the compressed bytes."""
+
+    def __init__(self, decoder: LayerDecoder, slot: _Slot) -> None:
+        self.decoder, self._slot = decoder, slot
+
+    def finish(self) -> None:
+        if not self.decoder.finished:
+            raise RuntimeError("layer decoder has not finished")
+        self._slot.finish()
 
 
 class Staging:
@@ -99,27 +121,30 @@ class Staging:
         return self._fill(index, lambda fd, dirty: copy_layer(source, source_offset, layer, fd, dirty=dirty))
 
     @contextmanager
-    def decoding(self, index: int) -> Iterator[LayerDecoder | None]:
-        """A decoder for disk layer ``index`` to feed while its blob downloads (None if the layer
-        is done). The layer counts as done only if the decoder finished, verified."""
+    def decoding(self, index: int) -> Iterator[LayerFill | None]:
+        """A fill of disk layer ``index`` to feed while its blob downloads (None if the layer is
+        done). The layer counts as done only once the fill's ``finish()`` was called."""
         with self._filling(index) as slot:
-            decoder = None if slot is None else LayerDecoder(self.image.disk_layers[index], slot.fd, dirty=slot.dirty)
-            yield decoder
-            if slot is not None and decoder is not None:
-                slot.done = decoder.finished
+            yield None if slot is None else LayerFill(
+                LayerDecoder(self.image.disk_layers[index], slot.fd, dirty=slot.dirty), slot)
 
     def _fill(self, index: int, write: Callable[[int, bool], None]) -> bool:
         with self._filling(index) as slot:
             if slot is None:
                 return False
             write(slot.fd, slot.dirty)
-            slot.done = True
+            slot.finish()
         return True
 
     @contextmanager
     def _filling(self, index: int) -> Iterator[_Slot | None]:
         """Hold layer ``index`` for writing: its lock, its dirty marker, an open ``disk.img``.
-        The done marker is written only if the holder set ``done``; None if already done."""
+        The holder calls the slot's ``finish()`` once the layer is verified; None if already done.
+
+        A layer's bytes reach the disk (fdatasync) before its done marker is written, so a
+        crash can never leave a done marker over bytes that were lost; it also spreads the
+        write-out over the pull instead of one long fsync before install.
+        """
         with self.locked(f"layer-{index}"):
             if self.layer_done(index):
                 yield None
@@ -129,16 +154,18 @@ class Staging:
             dirty = self._marker(index, "dirty")
             was_dirty = dirty.exists()
             dirty.touch()
+
+            def mark_done() -> None:
+                self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
+                dirty.unlink()
+
             # Read-write even when clean: a restarted download turns the layer dirty, and clearing
             # stale bytes reads before it writes.
-            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty)
+            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty, mark_done)
             try:
                 yield slot
             finally:
                 os.close(slot.fd)
-            if slot.done:
-                self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
-                dirty.unlink()
 
     def place(self, name: str, desc: Descriptor, data: bytes) -> None:
         """Put a small verified blob (config.json, nvram.bin) into the staging VM."""
@@ -171,3 +198,9 @@ class Staging:
     def discard_state(self) -> None:
         shutil.rmtree(self.state, ignore_errors=True)
 
+
+
+
+def _sync_data(fd: int) -> None:
+    """fdatasync where there is one (Linux), else fsync (macOS)."""
+    getattr(os, "fdatasync", os.fsync)(fd)

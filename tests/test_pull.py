@@ -123,6 +123,36 @@ def test_kill_mid_layer_then_resume_asks_only_for_the_rest(
     assert served_first + proxy.blob_bytes_served <= total * 1.15
 
 
+def test_a_verified_layer_keeps_only_its_decoded_bytes_and_is_never_fetched_again(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
+) -> None:
+    ref = f"{proxy.host}/{small_image.repository}:{small_image.tag}"
+    state = user.store / "staging" / f"{small_image.manifest_digest.split(':')[1]}.state"
+    proxy.throttle(2_000_000)
+    proc = user.start("pull", "--insecure", ref, "--concurrency", "1")
+    try:
+        wait_for(lambda: any(state.glob("layer-*.done")), 60, proc)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    done = {int(p.name.split("-")[1].split(".")[0]) for p in state.glob("layer-*.done")}
+    done_digests = {small_image.disk_layers[i]["digest"] for i in done}
+    assert done and len(done) < len(small_image.disk_layers)
+    for digest in done_digests:  # the compressed bytes were dropped, not committed or left behind
+        hexdigest = digest.split(":")[1]
+        assert not (user.store / "blobs" / "sha256" / hexdigest).exists()
+        assert not partial(user, digest).exists()
+    proxy.clear_faults()
+    proxy.reset_counters()
+    result = user.run("pull", "--insecure", ref)
+    assert result.returncode == 0, result.stderr
+    assert_same_vm(vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest), small_image)
+    assert not [r.path for r in proxy.requests if any(d in r.path for d in done_digests)]
+    assert proxy.blob_bytes_served <= fetchable_bytes(small_image) - sum(
+        small_image.disk_layers[i]["size"] for i in done)
+
+
 def test_ctrl_c_stops_quickly_keeps_bytes_and_says_how_to_continue(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
 ) -> None:
