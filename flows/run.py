@@ -31,14 +31,29 @@ def quiet_prefect(verbose: bool) -> None:
         os.environ.setdefault(key, value)
 
 
+#: Either spelling of Prefect's flow heartbeat setting, as a user would set it.
+_HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
 def run_pull(
     reference: str, *, insecure: bool, concurrency: int, retry_for: float, verbose: bool,
     egress_limit: str | None = None, credentials_block: str | None = None,
 ) -> str:
+    """Run ``pull-image`` in this process.
+
+    Flow run heartbeats are off here unless the user sets Prefect's heartbeat frequency: they
+    only feed an automation a user may have built to mark silent runs as crashed, and Prefect
+    ends every run by waiting out its heartbeat thread's one-second sleep (0.5 s on average,
+    a fifth of a cached re-pull). Deployment runs, started by workers, keep them.
+    """
     quiet_prefect(verbose)
+    from prefect.settings import temporary_settings
+
     from flows.pull import pull_image
 
-    return pull_image(
-        reference=reference, insecure=insecure, concurrency=concurrency, retry_for=retry_for,
-        egress_limit=egress_limit, credentials_block=credentials_block,
-    )
+    heartbeats = any(os.environ.get(name) for name in _HEARTBEAT_ENV)
+    with temporary_settings(updates={} if heartbeats else {"flows.heartbeat_frequency": None}):
+        return pull_image(
+            reference=reference, insecure=insecure, concurrency=concurrency, retry_for=retry_for,
+            egress_limit=egress_limit, credentials_block=credentials_block,
+        )
