@@ -8,6 +8,7 @@ logs still reach the flow run through the API; telemetry is off.
 
 from __future__ import annotations
 
+import gc
 import os
 
 __all__ = ["quiet_prefect", "run_pull"]
@@ -51,6 +52,10 @@ def run_pull(
 
     from flows.pull import pull_image
 
+    # Prefect's and pydantic's objects from the imports live as long as the process: out of
+    # the collector's sight, they are not walked again by every collection that the
+    # download's allocations set off (~0.4 s of CPU per 4 GiB pull here).
+    gc.freeze()
     heartbeats = any(os.environ.get(name) for name in _HEARTBEAT_ENV)
     with temporary_settings(updates={} if heartbeats else {"flows.heartbeat_frequency": None}):
         return pull_image(
