@@ -2,6 +2,11 @@
 in flight) with verify-digest submitted as each fetch completes, then assemble-vm, then a table
 artifact of what each blob cost.
 
+verify-digest runs for each blob its fetch did not already verify into the staging VM: the
+config, the NVRAM, a blob several disk layers share, a blob found in the store. A disk layer
+decoded as it downloads is checked against both digests by its fetch-layer run, and a task run
+that would do nothing costs the Prefect server more than the check itself.
+
 Restarting the flow after any failure skips every finished step through the tasks' content
 keyed caches and resumes a half-fetched blob where it stopped.
 """
@@ -91,7 +96,8 @@ def _fetch_and_verify(
             digest, future = fetching.pop(wrapped)
             fetched = future.result()  # raises the task's error: the flow fails with it
             results.append(fetched)
-            verifying.append(verify_digest.submit(settings, reference, manifest_digest, digest, fetched))
+            if not fetched.get("verified"):  # a layer decoded on the way in was verified by its fetch
+                verifying.append(verify_digest.submit(settings, reference, manifest_digest, digest, fetched))
     for future in verifying:
         future.result()
     return results

@@ -42,6 +42,7 @@ class FetchResult:
     resumed_from: int  # bytes already on disk when this call started
     seconds: float
     reused: int = 0  # bytes not fetched because a VM in Tart's cache already had the layer
+    verified: bool = False  # already verified into the staging VM: verify has nothing left to do
 
 
 def fetch_blob(
@@ -79,7 +80,8 @@ def fetch_blob(
             path = str(ingest.commit())
         else:
             ingest.discard()
-    return FetchResult(desc.digest, desc.size, path, download.fetched, resumed_from, time.monotonic() - started)
+    return FetchResult(desc.digest, desc.size, path, download.fetched, resumed_from, time.monotonic() - started,
+                       verified=fill is not None)
 
 
 def _already_there(store: Store, desc: Descriptor) -> FetchResult:

@@ -181,11 +181,11 @@ def fetch(
     ref = parse_reference(reference)
     if _installed(settings, ref, manifest_digest):
         reporter().skip(desc.size)
-        return FetchResult(digest, desc.size, "", 0, desc.size, 0.0)
+        return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
     stored = store.has_blob(digest, desc.size)
     if not stored and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
-        return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size)
+        return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size, verified=True)
     client, policy = settings.client(ref), settings.policy()
     if stored:
         return fetch_blob(store, client, ref.repository, desc, policy)
@@ -198,7 +198,7 @@ def fetch(
         with Staging(store, image).decoding(layers[0]) as fill:
             if fill is None:  # another pull of this image verified the layer meanwhile
                 reporter().skip(desc.size)
-                return FetchResult(digest, desc.size, "", 0, desc.size, 0.0)
+                return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
 
             def wanted_elsewhere() -> bool:  # a pull of another image that shares this layer
                 return digest in store.staged_blobs(besides=manifest_digest)
