@@ -29,6 +29,7 @@ from .fetch import FetchResult, fetch_blob
 from .manifest import (
     DOCKER_LIST,
     OCI_INDEX,
+    Descriptor,
     TartImage,
     media_type_of,
     parse_manifest,
@@ -179,9 +180,22 @@ def fetch(
     store, image = load_image(settings, manifest_digest)
     desc = next(d for d in image.blobs if d.digest == digest)
     ref = parse_reference(reference)
-    if _installed(settings, ref, manifest_digest):
-        reporter().skip(desc.size)
-        return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
+    try:
+        if not _installed(settings, ref, manifest_digest):
+            return _fetch(settings, ref, store, image, desc, gate)
+    except StoreError:
+        # Another pull of this image installed it meanwhile, taking the staging VM with it.
+        if not _installed(settings, ref, manifest_digest):
+            raise
+    reporter().skip(desc.size)
+    return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
+
+
+def _fetch(
+    settings: PullSettings, ref: Reference, store: Store, image: TartImage, desc: Descriptor,
+    gate: Callable[[], AbstractContextManager[object]],
+) -> FetchResult:
+    digest = desc.digest
     stored = store.has_blob(digest, desc.size)
     if not stored and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
@@ -201,7 +215,7 @@ def fetch(
                 return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
 
             def wanted_elsewhere() -> bool:  # a pull of another image that shares this layer
-                return digest in store.staged_blobs(besides=manifest_digest)
+                return digest in store.staged_blobs(besides=image.manifest_digest)
 
             return fetch_blob(store, client, ref.repository, desc, policy, fill, keep=wanted_elsewhere)
 
