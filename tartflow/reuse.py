@@ -1,16 +1,18 @@
-"""Take layers from VMs already in Tart's cache instead of downloading them again.
+"""Take layers from VMs already on this machine instead of downloading them again.
 
-When a tag moves to a new digest, most disk layers are usually unchanged. Any VM in the cache
-whose ``manifest.json`` lists the same compressed digest holds that layer decoded in its
-``disk.img``; it is copied locally and verified against the uncompressed content digest, like a
-download. Config and NVRAM blobs are stored raw, so a cached ``config.json``/``nvram.bin``
-whose sha256 is the blob's digest is the blob itself.
+When a tag moves to a new digest, most disk layers are usually unchanged. Any VM in Tart's
+cache whose ``manifest.json`` lists the same compressed digest holds that layer decoded in its
+``disk.img``; so does the staging VM of another pull in progress once that layer is done there
+(its compressed bytes are dropped at that point, so this is how two pulls of images sharing
+layers share the download). The layer is copied locally and verified against the uncompressed
+content digest, like a download. Config and NVRAM blobs are stored raw, so a ``config.json``/
+``nvram.bin`` whose sha256 is the blob's digest is the blob itself.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,39 +26,49 @@ __all__ = ["reuse_local"]
 
 
 @dataclass(frozen=True)
-class _CachedVM:
+class _LocalVM:
     path: Path
     image: TartImage
+    has_layer: Callable[[int], bool]  # whether disk layer i of ``image`` is in ``path/disk.img``
 
 
-def _cached_vms(cache: TartCache, exclude: str) -> Iterator[_CachedVM]:
-    if not cache.oci_root.is_dir():
-        return
-    for manifest in cache.oci_root.rglob("sha256:*/manifest.json"):
-        vm = manifest.parent
-        if vm.name == exclude or vm.is_symlink() or not cache.is_vm(vm):
+def _local_vms(cache: TartCache, staging: Staging) -> Iterator[_LocalVM]:
+    """VMs in Tart's cache, then the staging VMs of other pulls (their finished layers only)."""
+    exclude = staging.image.manifest_digest
+    if cache.oci_root.is_dir():
+        for manifest in cache.oci_root.rglob("sha256:*/manifest.json"):
+            vm = manifest.parent
+            if vm.name == exclude or vm.is_symlink() or not cache.is_vm(vm):
+                continue
+            try:
+                yield _LocalVM(vm, parse_manifest(manifest.read_bytes(), vm.name), lambda i: True)
+            except (TartflowError, OSError):
+                continue
+    for manifest in (staging.store.root / "staging").glob("*/manifest.json"):
+        digest = "sha256:" + manifest.parent.name
+        if digest == exclude:
             continue
         try:
-            yield _CachedVM(vm, parse_manifest(manifest.read_bytes(), vm.name))
+            other = Staging(staging.store, parse_manifest(manifest.read_bytes(), digest))
         except (TartflowError, OSError):
             continue
+        yield _LocalVM(other.dir, other.image, other.layer_done)
 
 
 def reuse_local(cache: TartCache, staging: Staging, digest: str) -> bool:
-    """Fill everything blob ``digest`` provides in ``staging`` from Tart's cache; True if done.
-
-    A source that fails verification is skipped (the next one, or the network, is tried).
+    """Fill everything blob ``digest`` provides in ``staging`` from VMs on this machine; True
+    if done. A source that fails verification is skipped (the next one, or the network, is tried).
     """
     image = staging.image
-    for vm in _cached_vms(cache, exclude=image.manifest_digest):
+    for vm in _local_vms(cache, staging):
         if staging.is_verified(digest):
             break
         for name, desc in (("config.json", image.config), ("nvram.bin", image.nvram)):
             if desc.digest == digest and digest in (vm.image.config.digest, vm.image.nvram.digest):
-                data = (vm.path / name).read_bytes() if (vm.path / name).stat().st_size == desc.size else b""
+                data = _read_exact(vm.path / name, desc.size)
                 if "sha256:" + hashlib.sha256(data).hexdigest() == digest:
                     staging.place(name, desc, data)
-        sources = [layer for layer in vm.image.disk_layers if layer.blob.digest == digest]
+        sources = [layer for i, layer in enumerate(vm.image.disk_layers) if layer.blob.digest == digest and vm.has_layer(i)]
         for index, layer in enumerate(image.disk_layers):
             if layer.blob.digest != digest or staging.layer_done(index):
                 continue
@@ -68,4 +80,14 @@ def reuse_local(cache: TartCache, staging: Staging, digest: str) -> bool:
                     break
                 except CorruptLayerError as exc:
                     reporter().note(f"cached copy in {vm.path} is not usable ({exc}); fetching instead")
+                except FileNotFoundError:  # a staging VM installed or collected meanwhile
+                    continue
     return staging.is_verified(digest)
+
+
+def _read_exact(path: Path, size: int) -> bytes:
+    """The file's bytes if it exists with exactly ``size`` bytes, else b""."""
+    try:
+        return path.read_bytes() if path.stat().st_size == size else b""
+    except FileNotFoundError:
+        return b""

@@ -162,18 +162,48 @@ def test_two_pulls_of_one_image_at_once_fetch_each_blob_once(
     assert len(served) == len(set(served))
 
 
-def test_images_sharing_layers_share_the_download(
-    user: Tartflow, proxy: FaultProxy, registry, medium_image: BuiltImage, tmp_path: Path
-) -> None:
+def _variant(registry, image: BuiltImage, tmp_path: Path, tag: str) -> tuple[BuiltImage, set[str]]:
+    """``image`` with its last disk layer changed, pushed as ``tag``; and the shared layers."""
     disk = tmp_path / "disk.img"
-    shutil.copyfile(medium_image.disk_path, disk)
+    shutil.copyfile(image.disk_path, disk)
     with open(disk, "r+b") as f:  # change the last layer only
         f.seek(-1000, os.SEEK_END)
         f.write(os.urandom(1000))
-    other = build_and_push(registry.url, "acme/medium", "v2", disk, layer_size=2 * 1024 * 1024,
+    other = build_and_push(registry.url, "acme/medium", tag, disk, layer_size=2 * 1024 * 1024,
                            block_sizes=SMALL_BLOCK_SIZES, stored=_small_stored)
-    shared = {lay["digest"] for lay in other.disk_layers} & {lay["digest"] for lay in medium_image.disk_layers}
+    shared = {lay["digest"] for lay in other.disk_layers} & {lay["digest"] for lay in image.disk_layers}
     assert len(shared) >= len(other.disk_layers) - 1
+    return other, shared
+
+
+def test_layers_finished_by_an_interrupted_pull_serve_a_pull_of_another_image(
+    user: Tartflow, proxy: FaultProxy, registry, medium_image: BuiltImage, tmp_path: Path
+) -> None:
+    other, shared = _variant(registry, medium_image, tmp_path, "v3")
+    state = user.store / "staging" / f"{medium_image.manifest_digest.split(':')[1]}.state"
+    proxy.throttle(2_000_000)
+    proc = user.start("pull", "--insecure", ref_of(proxy, medium_image), "--concurrency", "1")
+    wait_for(lambda: len(list(state.glob("layer-*.done"))) >= 3, 60, proc)
+    proc.kill()
+    proc.communicate(timeout=10)
+    done = {medium_image.disk_layers[int(p.name.split("-")[1].split(".")[0])]["digest"] for p in state.glob("layer-*.done")}
+    done &= shared
+    assert done
+    proxy.clear_faults()
+    proxy.reset_counters()
+    result = user.run("pull", "--insecure", ref_of(proxy, other))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, other)
+    fetched = {r.path.rsplit("/", 1)[-1] for r in proxy.requests if "/blobs/" in r.path}
+    assert not fetched & done  # copied from the interrupted pull's staging VM, verified
+    assert proxy.blob_bytes_served <= fetchable_bytes(other) - sum(
+        lay["size"] for lay in other.disk_layers if lay["digest"] in done)
+
+
+def test_images_sharing_layers_share_the_download(
+    user: Tartflow, proxy: FaultProxy, registry, medium_image: BuiltImage, tmp_path: Path
+) -> None:
+    other, shared = _variant(registry, medium_image, tmp_path, "v2")
     proxy.throttle(2_000_000)
     procs = [user.start("pull", "--insecure", ref_of(proxy, image)) for image in (medium_image, other)]
     results = [p.communicate(timeout=180) for p in procs]
