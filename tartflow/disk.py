@@ -26,9 +26,9 @@ __all__ = ["ZERO_CHUNK", "LayerDecoder", "copy_layer", "decode_layer"]
 #: the Python loop over chunks costs nothing next to decoding.
 ZERO_CHUNK = 64 * 1024
 _ZEROS = bytes(ZERO_CHUNK)
-#: Compressed bytes per decoder feed: one feed's output is held at once, and zeros compress
-#: 255:1, so a small feed bounds memory (and decodes faster than a large one).
-_FEED = 64 * 1024
+#: Compressed bytes read from a stored blob per decoder feed (decoded bytes go straight to the
+#: writer, so memory is one block whatever this is).
+_FEED = 1024 * 1024
 #: Plain reads of already decoded bytes (local copies from Tart's cache).
 _READ = 4 * 1024 * 1024
 
@@ -92,10 +92,7 @@ class LayerDecoder:
         self._start()
 
     def feed(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        for start in range(0, view.nbytes, _FEED):  # small feeds bound what one call decodes
-            for piece in self._decoder.feed(view[start : start + _FEED]):
-                self._writer.write(piece)
+        self._decoder.feed(data, self._writer.write)  # each block written as soon as decoded
 
     def finish(self) -> None:
         self._decoder.finish()

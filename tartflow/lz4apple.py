@@ -96,14 +96,16 @@ class AppleLZ4Decoder:
         """True once the end-of-stream marker has been seen."""
         return self._done
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Chunk]:
+    def feed(self, data: bytes | bytearray | memoryview, sink: Callable[[Chunk], None] | None = None) -> list[Chunk]:
         """Consume ``data`` (any slice of the stream, split anywhere); return decoded chunks.
 
         Chunks are ``bytes`` or read-only views the decoder never writes to again. Stored
         blocks in immutable ``bytes`` input come back as views of it, without a copy; from
         mutable input they are copied. Only the tail of a block cut by a split is buffered.
         Everything ``data`` completes is returned at once, up to ~255x its size for runs of
-        zeros, so feed pieces of moderate size (64 KiB to 1 MiB).
+        zeros, so feed pieces of moderate size (64 KiB to 1 MiB) ... unless a ``sink`` is
+        given: then each chunk goes to ``sink`` as soon as it is decoded and the list stays
+        empty, so memory is one block whatever the size of ``data``.
         """
         if self._error is not None:
             raise CorruptLayerError(self._error)
@@ -111,6 +113,7 @@ class AppleLZ4Decoder:
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
         out: list[Chunk] = []
+        emit = sink or out.append
         taken = 0
         try:
             while self._buf and taken < len(mv):  # top up the cut block, no more
@@ -118,11 +121,11 @@ class AppleLZ4Decoder:
                 self._buf += more
                 taken += len(more)
                 with memoryview(self._buf) as view:
-                    end = self._parse(view, out, False)
+                    end = self._parse(view, emit, False)
                 del self._buf[:end]  # O(1): CPython advances a bytearray's start in place
                 self._offset += end
             if taken < len(mv):
-                end = self._parse(mv[taken:], out, isinstance(mv.obj, bytes))
+                end = self._parse(mv[taken:], emit, isinstance(mv.obj, bytes))
                 self._buf += mv[taken + end :]
                 self._offset += end
         except CorruptLayerError:
@@ -150,7 +153,7 @@ class AppleLZ4Decoder:
         self._error = f"disk layer is corrupt: {what} at compressed offset {at}"
         raise CorruptLayerError(self._error) from cause
 
-    def _parse(self, src: memoryview, out: list[Chunk], borrowed: bool) -> int:
+    def _parse(self, src: memoryview, emit: Callable[[Chunk], None], borrowed: bool) -> int:
         """Decode every complete block (and any available stored bytes) in ``src``.
 
         Returns how many bytes of ``src`` were consumed; the rest is an incomplete block.
@@ -160,7 +163,7 @@ class AppleLZ4Decoder:
             if self._stored_left:
                 take = min(self._stored_left, n - i)
                 piece = src[i : i + take]
-                self._emit(piece if borrowed else piece.tobytes(), out)
+                self._emit(piece if borrowed else piece.tobytes(), emit)
                 self._stored_left -= take
                 i += take
                 continue
@@ -189,7 +192,7 @@ class AppleLZ4Decoder:
                     self._fail(f"impossible LZ4 block of {esize} -> {dsize} bytes", at)
                 if n - i < 12 + esize:
                     break
-                self._emit(self._decompress(src[i + 12 : i + 12 + esize], dsize, at), out)
+                self._emit(self._decompress(src[i + 12 : i + 12 + esize], dsize, at), emit)
                 i += 12 + esize
             elif len(magic) == 4 or not b"bv4".startswith(magic):
                 self._fail(f"bad block magic {magic!r}", at)
@@ -214,10 +217,10 @@ class AppleLZ4Decoder:
             self._fail(f"LZ4 block decodes to fewer than {size} bytes", at)
         return memoryview(data)[len(window) :] if window else data
 
-    def _emit(self, piece: Chunk, out: list[Chunk]) -> None:
+    def _emit(self, piece: Chunk, emit: Callable[[Chunk], None]) -> None:
         if not piece:
             return
-        out.append(piece)
+        emit(piece)
         self._decoded += len(piece)
         self._recent.append(piece)
         self._recent_len += len(piece)

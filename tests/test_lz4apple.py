@@ -122,6 +122,20 @@ def test_round_trip_mixed_data_uneven_and_stored_blocks(seed: int, kind: type) -
     assert _decode(frame, len(data), rng, kind) == data
 
 
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_sink_gets_every_block_as_it_is_decoded(kind: type) -> None:
+    rng = random.Random(7)
+    data = _mixed(rng, 900_000)
+    frame = encode_bytes(data, block_sizes=[65_536, 100_003, 7], stored=lambda i: i % 3 == 2)
+    dec, got = AppleLZ4Decoder(len(data)), []
+    for i in range(0, len(frame), 250_000):  # pieces holding many blocks, cut inside others
+        assert dec.feed(kind(frame[i : i + 250_000]), lambda piece: got.append(bytes(piece))) == []
+        assert dec.decoded == sum(map(len, got))
+    dec.finish()
+    assert b"".join(got) == data
+    assert max(map(len, got)) <= 100_003  # one block at a time, never a feed's worth
+
+
 def test_one_byte_at_a_time() -> None:
     data = _mixed(random.Random(7), 40_000)
     frame = encode_bytes(data, block_sizes=[5000, 17, 9000], stored=lambda i: i % 3 == 2)
