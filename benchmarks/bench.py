@@ -701,7 +701,7 @@ class Bench:
             if self.children.reap(job, block=False) is not None:
                 raise BenchError(f"the pull to be killed ended before half of it was on disk; last lines of "
                                  f"{log_path}:\n{_tail(log_path)}")
-            if _bytes_under(store) >= target:
+            if _bytes_under(store, self.image) >= target:
                 self.children.kill(job)  # SIGKILL to the launcher's group: tartflow and all it runs
                 with contextlib.suppress(BenchError):
                     self.children.reap(job)
@@ -710,7 +710,7 @@ class Bench:
                 self.children.kill(job)
                 raise BenchError(f"the pull to be killed never got half its bytes on disk (log: {log_path})")
             time.sleep(0.01)
-        return time.perf_counter() - started, _bytes_under(store) / self.image.layer_bytes
+        return time.perf_counter() - started, _bytes_under(store, self.image) / self.image.layer_bytes
 
     def rss_rounds(self) -> None:
         for gib in self.rss_sizes():
@@ -749,13 +749,20 @@ class Bench:
         log(f"saved {out / stamp}.txt and .json")
 
 
-def _bytes_under(store: Path) -> int:
+def _bytes_under(store: Path, image: Image) -> int:
+    """Compressed bytes of ``image`` a pull has kept: partials and blobs in the store, plus the
+    blobs of disk layers already decoded into the staging VM (their compressed bytes are
+    dropped at that point)."""
     total = 0
     for sub in ("ingest", "blobs"):
         for root, _, files in os.walk(store / sub):
             for name in files:
                 with contextlib.suppress(FileNotFoundError):  # renamed from ingest/ to blobs/
                     total += os.stat(os.path.join(root, name)).st_size
+    disk = [int(b["size"]) for b in image.layers if b["mediaType"].endswith(".disk.v2")]
+    state = store / "staging" / (image.manifest_digest.split(":")[1] + ".state")
+    for marker in state.glob("layer-*.done"):
+        total += disk[int(marker.name.split("-")[1].split(".")[0])]
     return total
 
 
