@@ -187,8 +187,13 @@ def fetch(
         # Another pull of this image installed it meanwhile, taking the staging VM with it.
         if not _installed(settings, ref, manifest_digest):
             raise
+    return _done_elsewhere(desc)
+
+
+def _done_elsewhere(desc: Descriptor) -> FetchResult:
+    """Nothing to fetch: another pull installed the VM or verified the blob into staging."""
     reporter().skip(desc.size)
-    return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
+    return FetchResult(desc.digest, desc.size, "", 0, desc.size, 0.0, verified=True)
 
 
 def _fetch(
@@ -211,8 +216,7 @@ def _fetch(
             return fetch_blob(store, client, ref.repository, desc, policy)
         with Staging(store, image).decoding(layers[0]) as fill:
             if fill is None:  # another pull of this image verified the layer meanwhile
-                reporter().skip(desc.size)
-                return FetchResult(digest, desc.size, "", 0, desc.size, 0.0, verified=True)
+                return _done_elsewhere(desc)
 
             def wanted_elsewhere() -> bool:  # a pull of another image that shares this layer
                 return digest in store.staged_blobs(besides=image.manifest_digest)

@@ -44,14 +44,8 @@ def _local_vms(cache: TartCache, staging: Staging) -> Iterator[_LocalVM]:
                 yield _LocalVM(vm, parse_manifest(manifest.read_bytes(), vm.name), lambda i: True)
             except (TartflowError, OSError):
                 continue
-    for manifest in (staging.store.root / "staging").glob("*/manifest.json"):
-        digest = "sha256:" + manifest.parent.name
-        if digest == exclude:
-            continue
-        try:
-            other = Staging(staging.store, parse_manifest(manifest.read_bytes(), digest))
-        except (TartflowError, OSError):
-            continue
+    for image in staging.store.staged_images(besides=exclude):
+        other = Staging(staging.store, image)
         yield _LocalVM(other.dir, other.image, other.layer_done)
 
 

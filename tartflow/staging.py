@@ -199,8 +199,6 @@ class Staging:
         shutil.rmtree(self.state, ignore_errors=True)
 
 
-
-
 def _sync_data(fd: int) -> None:
     """fdatasync where there is one (Linux), else fsync (macOS)."""
     getattr(os, "fdatasync", os.fsync)(fd)

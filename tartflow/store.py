@@ -37,7 +37,7 @@ import filelock
 
 from . import cancel
 from .errors import InsufficientSpaceError, StoreError, TartflowError
-from .manifest import parse_manifest
+from .manifest import TartImage, parse_manifest
 from .reference import digest_hex
 
 __all__ = ["Store", "atomic_write", "fsync_dir", "is_locked", "translate_os_errors"]
@@ -131,20 +131,22 @@ class Store:
             atomic_write(path, raw)
         return path
 
-    def staged_blobs(self, *, besides: str | None = None) -> set[str]:
-        """Digests of every blob a staging VM (a pull in progress) still lists; ``besides``
+    def staged_images(self, *, besides: str | None = None) -> Iterator[TartImage]:
+        """The image of every staging VM (a pull in progress) whose manifest reads; ``besides``
         leaves out the staging VM of that manifest digest."""
-        wanted: set[str] = set()
         skip = digest_hex(besides) if besides else None
         for manifest in (self.root / "staging").glob("*/manifest.json"):
             if manifest.parent.name == skip:
                 continue
             try:
-                image = parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name)
+                yield parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name)
             except (TartflowError, OSError):  # an unreadable staging manifest protects nothing
                 continue
-            wanted.update(d.digest for d in image.blobs)
-        return wanted
+
+    def staged_blobs(self, *, besides: str | None = None) -> set[str]:
+        """Digests of every blob a staging VM (a pull in progress) still lists; ``besides``
+        leaves out the staging VM of that manifest digest."""
+        return {d.digest for image in self.staged_images(besides=besides) for d in image.blobs}
 
     def read_manifest(self, digest: str) -> bytes:
         try:
