@@ -35,6 +35,12 @@ def partial(user: Tartflow, digest: str) -> Path:
     return user.store / "ingest" / "sha256" / digest.split(":")[1] / "data"
 
 
+def done_layers(user: Tartflow, image: BuiltImage) -> set[int]:
+    """Indexes of the disk layers of ``image`` marked done (decoded, verified) in its staging VM."""
+    state = user.store / "staging" / f"{image.manifest_digest.split(':')[1]}.state"
+    return {int(p.name.split("-")[1].split(".")[0]) for p in state.glob("layer-*.done")}
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, proc: subprocess.Popen[str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -19,7 +19,7 @@ import filelock
 import pytest
 
 from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
-from tests.checks import assert_pulled, fetchable_bytes, wait_for
+from tests.checks import assert_pulled, done_layers, fetchable_bytes, wait_for
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push
@@ -180,13 +180,12 @@ def test_layers_finished_by_an_interrupted_pull_serve_a_pull_of_another_image(
     user: Tartflow, proxy: FaultProxy, registry, medium_image: BuiltImage, tmp_path: Path
 ) -> None:
     other, shared = _variant(registry, medium_image, tmp_path, "v3")
-    state = user.store / "staging" / f"{medium_image.manifest_digest.split(':')[1]}.state"
     proxy.throttle(2_000_000)
     proc = user.start("pull", "--insecure", ref_of(proxy, medium_image), "--concurrency", "1")
-    wait_for(lambda: len(list(state.glob("layer-*.done"))) >= 3, 60, proc)
+    wait_for(lambda: len(done_layers(user, medium_image)) >= 3, 60, proc)
     proc.kill()
     proc.communicate(timeout=10)
-    done = {medium_image.disk_layers[int(p.name.split("-")[1].split(".")[0])]["digest"] for p in state.glob("layer-*.done")}
+    done = {medium_image.disk_layers[i]["digest"] for i in done_layers(user, medium_image)}
     done &= shared
     assert done
     proxy.clear_faults()
@@ -300,9 +299,7 @@ def _kept_bytes(user: Tartflow, image: BuiltImage) -> int:
     """Compressed bytes a pull has kept: partials and blobs in the store, plus the blobs of
     layers already decoded into the staging VM (their decoded form is what is kept)."""
     stored = sum(p.stat().st_size for p in user.store.rglob("*") if p.is_file() and ("ingest" in p.parts or "blobs" in p.parts))
-    state = user.store / "staging" / f"{image.manifest_digest.split(':')[1]}.state"
-    done = [int(p.name.split("-")[1].split(".")[0]) for p in state.glob("layer-*.done")]
-    decoded = {image.disk_layers[i]["digest"]: image.disk_layers[i]["size"] for i in done}
+    decoded = {image.disk_layers[i]["digest"]: image.disk_layers[i]["size"] for i in done_layers(user, image)}
     on_disk = {p.parent.name if p.name == "data" else p.name for p in user.store.rglob("*") if p.is_file()}
     return stored + sum(size for digest, size in decoded.items() if digest.split(":")[1] not in on_disk)
 

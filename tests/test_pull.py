@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.checks import assert_same_vm, fetchable_bytes, partial, vm_dir, wait_for
+from tests.checks import assert_same_vm, done_layers, fetchable_bytes, partial, vm_dir, wait_for
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, push_blob, push_raw_manifest
@@ -127,16 +127,15 @@ def test_a_verified_layer_keeps_only_its_decoded_bytes_and_is_never_fetched_agai
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
 ) -> None:
     ref = f"{proxy.host}/{small_image.repository}:{small_image.tag}"
-    state = user.store / "staging" / f"{small_image.manifest_digest.split(':')[1]}.state"
     proxy.throttle(2_000_000)
     proc = user.start("pull", "--insecure", ref, "--concurrency", "1")
     try:
-        wait_for(lambda: any(state.glob("layer-*.done")), 60, proc)
+        wait_for(lambda: bool(done_layers(user, small_image)), 60, proc)
         proc.kill()
     finally:
         proc.kill()
         proc.communicate(timeout=10)
-    done = {int(p.name.split("-")[1].split(".")[0]) for p in state.glob("layer-*.done")}
+    done = done_layers(user, small_image)
     done_digests = {small_image.disk_layers[i]["digest"] for i in done}
     assert done and len(done) < len(small_image.disk_layers)
     for digest in done_digests:  # the compressed bytes were dropped, not committed or left behind
