@@ -14,13 +14,14 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import NoReturn, TypeAlias
 
 import lz4.block
 
 from .errors import CorruptLayerError
 
-__all__ = ["AppleLZ4Decoder", "encode", "encode_bytes"]
+__all__ = ["AppleLZ4Decoder", "DecoderState", "encode", "encode_bytes"]
 
 WINDOW = 64 * 1024
 _COMPRESSED, _STORED, _END = b"bv41", b"bv4-", b"bv4$"
@@ -61,6 +62,24 @@ def _with_prefix(block: memoryview, prefix: Chunk) -> bytes:
     return b"".join((head, prefix, block[end:]))
 
 
+@dataclass(frozen=True)
+class DecoderState:
+    """Where a decoder stands, to resume it later: ``offset`` compressed bytes consumed (up to
+    the last whole block), ``decoded`` bytes output, ``stored_left`` raw bytes still due from
+    a stored block cut short, and ``pending``, the start of the block cut short (the input
+    received past ``offset``). Resuming also needs the last 64 KiB of output (the window)."""
+
+    offset: int
+    decoded: int
+    stored_left: int
+    pending: bytes
+
+    @property
+    def received(self) -> int:
+        """Compressed bytes fed in: where the stream continues."""
+        return self.offset + len(self.pending)
+
+
 class AppleLZ4Decoder:
     """Streaming decoder of one Apple-framed LZ4 stream that must decode to ``expected_size``.
 
@@ -90,6 +109,26 @@ class AppleLZ4Decoder:
     def decoded(self) -> int:
         """Bytes output so far."""
         return self._decoded
+
+    def snapshot(self) -> DecoderState:
+        """The state to resume from with :meth:`resumed`; only while healthy and not done."""
+        if self._error is not None or self._done:
+            raise RuntimeError("a failed or finished decoder has nothing to resume")
+        return DecoderState(self._offset, self._decoded, self._stored_left, bytes(self._buf))
+
+    @classmethod
+    def resumed(cls, expected_size: int, state: DecoderState, window: bytes, **kwargs: int) -> AppleLZ4Decoder:
+        """A decoder that goes on from ``state``; ``window`` is the output's last
+        ``min(64 KiB, state.decoded)`` bytes (read back from where they were written)."""
+        if len(window) != min(WINDOW, state.decoded) or state.decoded > expected_size:
+            raise ValueError("window or state does not fit the stream")
+        decoder = cls(expected_size, **kwargs)
+        decoder._offset, decoder._decoded, decoder._stored_left = state.offset, state.decoded, state.stored_left
+        decoder._buf = bytearray(state.pending)
+        if window:
+            decoder._recent.append(window)
+            decoder._recent_len = len(window)
+        return decoder
 
     @property
     def done(self) -> bool:

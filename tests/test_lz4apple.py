@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tartflow.errors import CorruptLayerError
-from tartflow.lz4apple import AppleLZ4Decoder, encode, encode_bytes
+from tartflow.lz4apple import WINDOW, AppleLZ4Decoder, encode, encode_bytes
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -134,6 +134,29 @@ def test_sink_gets_every_block_as_it_is_decoded(kind: type) -> None:
     dec.finish()
     assert b"".join(got) == data
     assert max(map(len, got)) <= 100_003  # one block at a time, never a feed's worth
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_decoder_resumed_from_a_snapshot_goes_on_exactly(seed: int) -> None:
+    """Cut anywhere (inside a header, a compressed block, a stored block), a snapshot plus the
+    last 64 KiB of output is all a new decoder needs: matches into earlier blocks still work."""
+    rng = random.Random(seed)
+    data = _mixed(rng, 600_000)
+    frame = encode_bytes(data, block_sizes=[70_001, 3, 65_536, 20_000], stored=lambda i: i % 3 == 1)
+    cut = rng.randrange(1, len(frame))
+    first, out = AppleLZ4Decoder(len(data)), bytearray()
+    for i in range(0, cut, 9_000):
+        first.feed(frame[i : min(i + 9_000, cut)], lambda piece: out.extend(piece))
+    state = first.snapshot()
+    assert state.received == cut and state.decoded == len(out)
+    window = bytes(out[-WINDOW:])
+    resumed = AppleLZ4Decoder.resumed(len(data), state, window)
+    for i in range(state.received, len(frame), 50_000):
+        resumed.feed(frame[i : i + 50_000], lambda piece: out.extend(piece))
+    resumed.finish()
+    assert bytes(out) == data
+    with pytest.raises(ValueError):  # a window that does not fit the state
+        AppleLZ4Decoder.resumed(len(data), state, window[1:] if window else b"x")
 
 
 def test_one_byte_at_a_time() -> None:
