@@ -62,6 +62,7 @@ from typing import Any
 
 import httpx
 
+from tartflow import checkpoint
 from tests.support.imagebuilder import OCI_MANIFEST, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer, prefect_env
 from tests.support.registry import Registry, RegistryStartError, find_registry_binary, start_registry
@@ -752,17 +753,22 @@ class Bench:
 def _bytes_under(store: Path, image: Image) -> int:
     """Compressed bytes of ``image`` a pull has kept: partials and blobs in the store, plus the
     blobs of disk layers already decoded into the staging VM (their compressed bytes are
-    dropped at that point)."""
+    dropped at that point), plus what the checkpoints of layers being decoded on the way in
+    vouch for (their compressed bytes are not kept)."""
     total = 0
     for sub in ("ingest", "blobs"):
         for root, _, files in os.walk(store / sub):
             for name in files:
                 with contextlib.suppress(FileNotFoundError):  # renamed from ingest/ to blobs/
                     total += os.stat(os.path.join(root, name)).st_size
-    disk = [int(b["size"]) for b in image.layers if b["mediaType"].endswith(".disk.v2")]
+    disk = [b for b in image.layers if b["mediaType"].endswith(".disk.v2")]
     state = store / "staging" / (image.manifest_digest.split(":")[1] + ".state")
-    for marker in state.glob("layer-*.done"):
-        total += disk[int(marker.name.split("-")[1].split(".")[0])]
+    for i, layer in enumerate(disk):
+        if (state / f"layer-{i}.done").exists():
+            total += int(layer["size"])
+            continue
+        found = [checkpoint.load(slot, layer["digest"]) for slot in state.glob(f"layer-{i}.checkpoint-*")]
+        total += max((c.received for c in found if c is not None), default=0)
     return total
 
 

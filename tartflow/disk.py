@@ -12,15 +12,18 @@ import hashlib
 import itertools
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import cancel
 from .errors import CorruptLayerError
-from .lz4apple import AppleLZ4Decoder
+from .lz4apple import WINDOW, AppleLZ4Decoder, DecoderState
 from .manifest import DiskLayer
 from .progress import reporter
+from .sha256 import Sha256
 
-__all__ = ["ZERO_CHUNK", "LayerDecoder", "copy_layer", "decode_layer"]
+__all__ = ["ZERO_CHUNK", "LayerDecoder", "LayerState", "copy_layer", "decode_layer"]
 
 #: Granularity of hole detection: small enough to find holes inside blocks, large enough that
 #: the Python loop over chunks costs nothing next to decoding.
@@ -69,27 +72,55 @@ def copy_layer(source: Path, source_offset: int, layer: DiskLayer, disk_fd: int,
     writer.finish()
 
 
+@dataclass(frozen=True)
+class LayerState:
+    """A layer decoded part way: the decoder's state and the running hash of its output."""
+
+    decoder: DecoderState
+    decoded_hash: bytes  # a Sha256 state
+
+
 class LayerDecoder:
     """Decodes one disk layer from compressed bytes handed over in any slices (straight from
     the network, or read back from a blob) into ``disk.img``, verified as it goes.
 
     ``reset()`` starts the layer over (a restarted download); from then on the region may hold
-    stale bytes, so zero chunks are cleared where needed instead of skipped.
+    stale bytes, so zero chunks are cleared where needed instead of skipped. A ``resumable``
+    decoder hashes with :class:`Sha256`, so ``snapshot()`` can save where it stands and a
+    decoder made with ``resume=`` goes on from there (its window read back from ``disk.img``).
     """
 
-    def __init__(self, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> None:
+    def __init__(
+        self, layer: DiskLayer, disk_fd: int, *, dirty: bool, resumable: bool = False, resume: LayerState | None = None
+    ) -> None:
         self.layer, self.fd, self._dirty = layer, disk_fd, dirty
+        self.resumable = resumable or resume is not None
         self.finished = False
-        self._start()
+        self._start(resume)
 
-    def _start(self) -> None:
-        self._decoder = AppleLZ4Decoder(self.layer.uncompressed_size)
-        self._writer = _Writer(self.layer, self.fd, self._dirty, f"disk layer {self.layer.blob.digest[:19]}")
+    def _start(self, resume: LayerState | None = None) -> None:
+        what = f"disk layer {self.layer.blob.digest[:19]}"
+        size = self.layer.uncompressed_size
+        if resume is None:
+            self._decoder = AppleLZ4Decoder(size)
+            self._writer = _Writer(self.layer, self.fd, self._dirty, what, Sha256() if self.resumable else None)
+            return
+        done = resume.decoder.decoded
+        window = os.pread(self.fd, min(WINDOW, done), self.layer.offset + done - min(WINDOW, done))
+        self._decoder = AppleLZ4Decoder.resumed(size, resume.decoder, window)
+        self._writer = _Writer(self.layer, self.fd, self._dirty, what, Sha256(resume.decoded_hash))
+        self._writer.position += done
 
     def reset(self) -> None:
         if self._writer.position != self.layer.offset:
             self._dirty = True
         self._start()
+
+    def snapshot(self) -> LayerState:
+        """Where this resumable decoder stands; everything decoded so far is in ``disk.img``."""
+        hasher = self._writer.hasher
+        assert isinstance(hasher, Sha256), "snapshot() needs a resumable decoder"
+        return LayerState(self._decoder.snapshot(), hasher.state())
 
     def feed(self, data: bytes | memoryview) -> None:
         self._decoder.feed(data, self._writer.write)  # each block written as soon as decoded
@@ -105,9 +136,9 @@ class _Writer:
     CorruptLayerError unless exactly ``uncompressed_size`` bytes with ``uncompressed_digest``
     went by."""
 
-    def __init__(self, layer: DiskLayer, fd: int, dirty: bool, what: str) -> None:
+    def __init__(self, layer: DiskLayer, fd: int, dirty: bool, what: str, hasher: Any = None) -> None:
         self.layer, self.fd, self.dirty, self.what = layer, fd, dirty, what
-        self.hasher = hashlib.sha256()
+        self.hasher = hasher if hasher is not None else hashlib.sha256()
         self.position = layer.offset
         self.end = layer.offset + layer.uncompressed_size
 

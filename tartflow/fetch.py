@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from . import cancel
-from .disk import LayerDecoder
+from . import cancel, checkpoint
 from .errors import CorruptLayerError, DigestMismatchError, RegistryError, TartflowError
 from .manifest import Descriptor
 from .progress import reporter
 from .registry.mirrors import BlobSource
 from .registry.retry import RetryPolicy, retrying
+from .sha256 import Sha256
 from .store import Ingest, Store
 
 if TYPE_CHECKING:
@@ -68,15 +69,21 @@ def fetch_blob(
     with store.ingest(desc.digest, on_wait=waiting) as ingest:
         if store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
             return _already_there(store, desc)
-        decoder = fill.decoder if fill is not None else None
-        download = _Download(ingest, client, repository, desc, policy.max_digest_mismatches, decoder)
+        # Decoded on the way in, the compressed bytes are kept only while someone else wants
+        # them or a partial of them is already on disk; else checkpoints make them resumable.
+        streaming = fill is not None and checkpoint.possible() and ingest.offset() == 0 and not keep()
+        download = _Download(ingest, client, repository, desc, policy.max_digest_mismatches, fill, streaming)
         reporter().skip(download.offset)
         resumed_from = download.offset
-        retrying(download.attempt, policy, on_wait=_report_wait)
+        try:
+            retrying(download.attempt, policy, on_wait=_report_wait)
+        except BaseException:
+            download.save_checkpoint()  # Ctrl+C, retries exhausted, a full disk: resume from here
+            raise
         path = ""
         if fill is not None:
             fill.finish()  # under the blob's lock: no other process resumes from the partial meanwhile
-        if fill is None or keep():
+        if fill is None or (not streaming and keep()):
             path = str(ingest.commit())
         else:
             ingest.discard()
@@ -94,18 +101,52 @@ def _report_wait(exc: TartflowError, seconds: float) -> None:
 
 
 class _Download:
-    """The state of one download across attempts: bytes on disk and their running hash."""
+    """The state of one download across attempts: bytes received, their running hash, and
+    either the bytes themselves on disk or, ``streaming``, the fill's checkpoints."""
 
     def __init__(
         self, ingest: Ingest, client: BlobSource, repository: str, desc: Descriptor, max_mismatches: int,
-        decoder: LayerDecoder | None,
+        fill: LayerFill | None, streaming: bool,
     ) -> None:
         self.ingest, self.client, self.repository, self.desc = ingest, client, repository, desc
-        self.decoder = decoder
+        self.fill, self.streaming = fill, streaming
+        self.decoder = fill.decoder if fill is not None else None
         self.fetched = 0
         self.mismatches, self.max_mismatches = 0, max_mismatches
-        self.hasher = hashlib.sha256()
-        self.offset = self._rehash()
+        self.hasher: Any = hashlib.sha256()
+        self.saved, self.saved_at = 0, time.monotonic()  # offset and time of the last checkpoint
+        self.consistent = True  # hash, decoder and offset agree (false while a chunk is half taken)
+        self.offset = self._resume() if streaming else self._rehash()
+
+    def _resume(self) -> int:
+        """Go on from the layer's checkpoint, if there is one this library can take."""
+        assert self.fill is not None
+        found = self.fill.checkpointed(self.desc.digest)
+        self.decoder = self.fill.decoder
+        self.hasher = Sha256()
+        if found is None:
+            return 0
+        try:
+            if found.received > self.desc.size:
+                raise ValueError("checkpoint past the end of the blob")
+            self.hasher = Sha256(found.blob_hash)
+        except ValueError:
+            self.fill.drop_checkpoint()
+            self.decoder.reset()
+            return 0
+        self.saved = found.received
+        return found.received
+
+    def save_checkpoint(self) -> None:
+        """Best effort: when one cannot be saved (a full disk, a corrupt stream), the last stays."""
+        if not self.streaming or not self.consistent or self.offset <= self.saved:
+            return
+        assert self.fill is not None
+        try:
+            self.fill.save_checkpoint(self.desc.digest, self.offset, self.hasher.state())
+        except (OSError, RuntimeError):
+            return
+        self.saved, self.saved_at = self.offset, time.monotonic()
 
     def _rehash(self) -> int:
         """Hash the partial left by an earlier run; a partial longer than the blob is discarded."""
@@ -130,9 +171,12 @@ class _Download:
     def restart(self) -> None:
         self.ingest.discard()
         reporter().skip(-self.offset)
-        self.hasher, self.offset = hashlib.sha256(), 0
+        self.hasher, self.offset = Sha256() if self.streaming else hashlib.sha256(), 0
         if self.decoder is not None:
             self.decoder.reset()
+        if self.fill is not None and self.streaming:
+            self.fill.drop_checkpoint()
+            self.saved = 0
 
     def attempt(self) -> None:
         """One request for the bytes still missing; raises temporary errors to be retried.
@@ -182,17 +226,23 @@ class _Download:
 
     def _receive(self, chunks) -> None:
         size, reporter_ = self.desc.size, reporter()
-        with self.ingest.open_append() as out:
+        with nullcontext() if self.streaming else self.ingest.open_append() as out:
             for chunk in chunks:
                 if len(chunk) > size - self.offset:
                     raise DigestMismatchError(
                         f"blob {self.desc.digest[:19]} is longer than the {size} bytes its descriptor says"
                     )
-                out.write(chunk)
+                self.consistent = False
+                if out is not None:
+                    out.write(chunk)
                 self.hasher.update(chunk)
                 if self.decoder is not None:
                     self.decoder.feed(chunk)
                 self.offset += len(chunk)
+                self.consistent = True
                 self.fetched += len(chunk)
                 reporter_.advance(len(chunk))
+                if self.streaming and (self.offset - self.saved >= checkpoint.EVERY
+                                       or time.monotonic() - self.saved_at >= checkpoint.EVERY_SECONDS):
+                    self.save_checkpoint()
                 cancel.check()

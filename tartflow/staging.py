@@ -4,7 +4,8 @@
 ``disk.img`` created sparse at full size, ``nvram.bin``, ``manifest.json``); bookkeeping lives
 beside it in ``staging/<manifest hex>.state/`` so it never reaches Tart's cache:
 ``layer-<i>.done`` once layer i is decoded and verified, ``layer-<i>.dirty`` while it is being
-written (so a retry clears stale bytes), and one lock per layer and for the whole VM.
+written (so a retry clears stale bytes), ``layer-<i>.checkpoint-{0,1}`` where a download decoded on
+the way in can resume (checkpoint.py), and one lock per layer and for the whole VM.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import filelock
 
+from . import checkpoint
 from .disk import LayerDecoder, copy_layer, decode_layer
 from .errors import StoreError
-from .manifest import Descriptor, TartImage
+from .manifest import Descriptor, DiskLayer, TartImage
 from .reference import digest_hex
 from .store import Store, atomic_write
 
@@ -45,10 +47,44 @@ class _Slot:
 class LayerFill:
     """A disk layer being decoded while its blob downloads: feed ``decoder``; once the blob and
     the decoded bytes are verified, ``finish()`` marks the layer done, durably, so the caller
-    may then drop the compressed bytes."""
+    may then drop the compressed bytes.
 
-    def __init__(self, decoder: LayerDecoder, slot: _Slot) -> None:
-        self.decoder, self._slot = decoder, slot
+    A caller that keeps no compressed bytes calls ``checkpointed()`` first and then saves
+    checkpoints (checkpoint.py) as it goes; ``checkpointed()`` resumes the decoder from the
+    layer's last checkpoint when there is a usable one.
+    """
+
+    def __init__(self, layer: DiskLayer, slot: _Slot, checkpoint_paths: tuple[Path, Path]) -> None:
+        self.layer, self._slot, self._paths = layer, slot, checkpoint_paths
+        self._newest = 1  # the slot holding the newest checkpoint; the other is written next
+        self.decoder = LayerDecoder(layer, slot.fd, dirty=slot.dirty)
+
+    def checkpointed(self, blob: str) -> checkpoint.Checkpoint | None:
+        """Make the decoder resumable; resume it from the layer's newest whole checkpoint for
+        ``blob`` if there is one (only over bytes an unfinished run left: a dirty layer), and
+        return it."""
+        found = None
+        for i, path in enumerate(self._paths if self._slot.dirty else ()):
+            loaded = checkpoint.load(path, blob)
+            if loaded is not None and (found is None or loaded.received > found.received):
+                found, self._newest = loaded, i
+        try:
+            resume = found.layer if found is not None else None
+            self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True, resume=resume)
+        except ValueError:  # a state this library cannot take
+            found = None
+            self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
+        return found
+
+    def save_checkpoint(self, blob: str, received: int, blob_hash: bytes) -> None:
+        """Written over the older of the two slots, so a torn write leaves the newer one."""
+        older = 1 - self._newest
+        checkpoint.save(self._paths[older], checkpoint.Checkpoint(blob, received, blob_hash, self.decoder.snapshot()))
+        self._newest = older
+
+    def drop_checkpoint(self) -> None:
+        for path in self._paths:
+            path.unlink(missing_ok=True)
 
     def finish(self) -> None:
         if not self.decoder.finished:
@@ -92,6 +128,9 @@ class Staging:
     def _marker(self, index: int, kind: str) -> Path:
         return self.state / f"layer-{index}.{kind}"
 
+    def _checkpoints(self, index: int) -> tuple[Path, Path]:
+        return self._marker(index, "checkpoint-0"), self._marker(index, "checkpoint-1")
+
     def layer_done(self, index: int) -> bool:
         return self._marker(index, "done").exists() and (self.dir / "disk.img").exists()
 
@@ -125,8 +164,7 @@ class Staging:
         """A fill of disk layer ``index`` to feed while its blob downloads (None if the layer is
         done). The layer counts as done only once the fill's ``finish()`` was called."""
         with self._filling(index) as slot:
-            yield None if slot is None else LayerFill(
-                LayerDecoder(self.image.disk_layers[index], slot.fd, dirty=slot.dirty), slot)
+            yield None if slot is None else LayerFill(self.image.disk_layers[index], slot, self._checkpoints(index))
 
     def _fill(self, index: int, write: Callable[[int, bool], None]) -> bool:
         with self._filling(index) as slot:
@@ -158,6 +196,8 @@ class Staging:
             def mark_done() -> None:
                 self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
                 dirty.unlink()
+                for path in self._checkpoints(index):
+                    path.unlink(missing_ok=True)
 
             # Read-write even when clean: a restarted download turns the layer dirty, and clearing
             # stale bytes reads before it writes.

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tartflow import checkpoint
 from tests.support.cli import Tartflow
 from tests.support.imagebuilder import BuiltImage
 
@@ -33,6 +34,21 @@ def fetchable_bytes(image: BuiltImage) -> int:
 
 def partial(user: Tartflow, digest: str) -> Path:
     return user.store / "ingest" / "sha256" / digest.split(":")[1] / "data"
+
+
+def resumable(user: Tartflow, image: BuiltImage, digest: str) -> int:
+    """Compressed bytes of blob ``digest`` a next run resumes from: its partial in the store,
+    or the newest checkpoint of a disk layer decoded on the way in (whose compressed bytes are
+    not kept)."""
+    data = partial(user, digest)
+    kept = data.stat().st_size if data.exists() else 0
+    state = user.store / "staging" / f"{image.manifest_digest.split(':')[1]}.state"
+    for i, layer in enumerate(image.disk_layers):
+        if layer["digest"] == digest:
+            for slot in state.glob(f"layer-{i}.checkpoint-*"):
+                found = checkpoint.load(slot, digest)
+                kept = max(kept, found.received if found is not None else 0)
+    return kept
 
 
 def done_layers(user: Tartflow, image: BuiltImage) -> set[int]:

@@ -19,7 +19,7 @@ import filelock
 import pytest
 
 from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
-from tests.checks import assert_pulled, done_layers, fetchable_bytes, wait_for
+from tests.checks import assert_pulled, done_layers, fetchable_bytes, resumable, wait_for
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push
@@ -219,7 +219,7 @@ def test_gc_removes_abandoned_partials_but_not_locked_ones(
 ) -> None:
     proxy.throttle(500_000)
     proc = user.start("pull", "--insecure", ref_of(proxy, medium_image))
-    wait_for(lambda: any(p.stat().st_size > 0 for p in user.store.glob("ingest/sha256/*/data")), 60, proc)
+    wait_for(lambda: _resumable_bytes(user, medium_image) > 0, 60, proc)
     proc.kill()
     proc.communicate(timeout=10)
     partials = sorted(user.store.glob("ingest/sha256/*"))
@@ -295,10 +295,17 @@ def test_disk_full_mid_pull_keeps_what_was_fetched(
     assert proxy.blob_bytes_served - served_before <= total - kept + total * 0.1
 
 
+def _resumable_bytes(user: Tartflow, image: BuiltImage) -> int:
+    """Compressed bytes a next run resumes from: partials, and checkpoints of layers decoded
+    on the way in."""
+    return sum(resumable(user, image, digest) for digest in {d["digest"] for d in image.disk_layers})
+
+
 def _kept_bytes(user: Tartflow, image: BuiltImage) -> int:
-    """Compressed bytes a pull has kept: partials and blobs in the store, plus the blobs of
-    layers already decoded into the staging VM (their decoded form is what is kept)."""
-    stored = sum(p.stat().st_size for p in user.store.rglob("*") if p.is_file() and ("ingest" in p.parts or "blobs" in p.parts))
+    """Compressed bytes a pull has kept: partials, checkpoints and blobs in the store, plus the
+    blobs of layers already decoded into the staging VM (their decoded form is what is kept)."""
+    blobs = sum(p.stat().st_size for p in user.store.glob("blobs/sha256/*"))
+    stored = blobs + _resumable_bytes(user, image)
     decoded = {image.disk_layers[i]["digest"]: image.disk_layers[i]["size"] for i in done_layers(user, image)}
     on_disk = {p.parent.name if p.name == "data" else p.name for p in user.store.rglob("*") if p.is_file()}
     return stored + sum(size for digest, size in decoded.items() if digest.split(":")[1] not in on_disk)
@@ -309,7 +316,7 @@ def _phase_reached(user: Tartflow, image: BuiltImage, phase: str, rng: random.Ra
     layers = len(image.disk_layers)
     if phase == "fetch":
         target = rng.uniform(0.05, 0.9) * sum(layer["size"] for layer in image.disk_layers)
-        return lambda: sum(p.stat().st_size for p in user.store.glob("ingest/sha256/*/data")) >= target
+        return lambda: _resumable_bytes(user, image) >= target
     if phase == "decode":
         return lambda: any(state.glob("layer-*.dirty"))
     return lambda: len(list(state.glob("layer-*.done"))) == layers  # every layer verified: assembly is next
