@@ -494,7 +494,7 @@ class Bench:
 
     # -- set-up --
     def snapshot(self, rev: str) -> Path:
-        """The committed product code at ``rev`` (git archive), untouched by edits in progress."""
+        """The committed product code at ``rev`` (git archive, byte-compiled), untouched by edits in progress."""
         dest = self.run_dir / "src"
         dest.mkdir()
         resolved = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--verify", f"{rev}^{{commit}}"],
@@ -507,6 +507,9 @@ class Bench:
         if archive.returncode != 0:
             raise BenchError(f"git archive {rev} failed: {archive.stderr.decode(errors='replace').strip()}")
         subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+        # Byte-compiled once, as `pip install` does: with PYTHONDONTWRITEBYTECODE set (as on this
+        # machine) every run would otherwise compile the snapshot's sources again (~0.15 s).
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest)], check=True, stdout=subprocess.DEVNULL)
         return dest
 
     def source(self) -> str:
