@@ -5,8 +5,9 @@ page cache). What a resume needs instead is small: how many compressed bytes wer
 and the running SHA-256 of them, the decoder's state (including the start of the block cut
 short, at most one block), and the running SHA-256 of the decoded bytes, which are already
 in ``disk.img``. ``fetch`` saves one every ``EVERY`` bytes or ``EVERY_SECONDS``, whichever
-comes first, and when a download stops for a reason it can catch (Ctrl+C, retries exhausted):
-a kill -9 costs a layer at most the last quarter second or 8 MiB of its download.
+comes first (the latter only once more bytes came in than it carries), and when a download
+stops for a reason it can catch (Ctrl+C, retries exhausted): a kill -9 costs a layer at most
+the last quarter second or 8 MiB of its download, or one block on a very slow link.
 
 A checkpoint is not fsynced: it vouches for decoded bytes still in the page cache, which
 survive the process, not the machine. So it carries the boot it was

@@ -116,6 +116,11 @@ class LayerDecoder:
             self._dirty = True
         self._start()
 
+    @property
+    def pending(self) -> int:
+        """Compressed bytes a snapshot would have to carry (the start of the block cut short)."""
+        return self._decoder.pending
+
     def snapshot(self) -> LayerState:
         """Where this resumable decoder stands; everything decoded so far is in ``disk.img``."""
         hasher = self._writer.hasher
@@ -145,8 +150,8 @@ class _Writer:
     def write(self, piece: bytes | memoryview) -> None:
         if self.position + len(piece) > self.end:
             raise CorruptLayerError(f"{self.what} is longer than its declared {self.layer.uncompressed_size} bytes")
+        _write_sparse(self.fd, piece, self.position, self.dirty)  # first: if it fails, nothing counted it
         self.hasher.update(piece)
-        _write_sparse(self.fd, piece, self.position, self.dirty)
         self.position += len(piece)
 
     def finish(self) -> None:

@@ -27,7 +27,7 @@ from .store import Ingest, Store
 if TYPE_CHECKING:
     from .staging import LayerFill
 
-__all__ = ["FetchResult", "fetch_blob"]
+__all__ = ["FetchResult", "fetch_blob", "waiting_note"]
 
 _REHASH_CHUNK = 4 * 1024 * 1024
 
@@ -63,10 +63,7 @@ def fetch_blob(
     if store.has_blob(desc.digest, desc.size):
         return _already_there(store, desc)
 
-    def waiting(holder: str) -> None:
-        reporter().note(f"layer {desc.digest[:19]} is being fetched by {holder}; waiting for it")
-
-    with store.ingest(desc.digest, on_wait=waiting) as ingest:
+    with store.ingest(desc.digest, on_wait=lambda holder: waiting_note(desc, holder)) as ingest:
         if store.has_blob(desc.digest, desc.size):  # another process finished it meanwhile
             return _already_there(store, desc)
         # Decoded on the way in, the compressed bytes are kept only while someone else wants
@@ -89,6 +86,10 @@ def fetch_blob(
             ingest.discard()
     return FetchResult(desc.digest, desc.size, path, download.fetched, resumed_from, time.monotonic() - started,
                        verified=fill is not None)
+
+
+def waiting_note(desc: Descriptor, holder: str) -> None:
+    reporter().note(f"layer {desc.digest[:19]} is being fetched by {holder}; waiting for it")
 
 
 def _already_there(store: Store, desc: Descriptor) -> FetchResult:
@@ -136,6 +137,14 @@ class _Download:
             return 0
         self.saved = found.received
         return found.received
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``EVERY`` bytes, or every ``EVERY_SECONDS`` once more bytes came in than the
+        checkpoint would carry (so a slow download of big blocks never writes more than it gets)."""
+        assert self.decoder is not None
+        progress = self.offset - self.saved
+        return progress >= checkpoint.EVERY or (
+            time.monotonic() - self.saved_at >= checkpoint.EVERY_SECONDS and progress >= self.decoder.pending)
 
     def save_checkpoint(self) -> None:
         """Best effort: when one cannot be saved (a full disk, a corrupt stream), the last stays."""
@@ -236,13 +245,16 @@ class _Download:
                 if out is not None:
                     out.write(chunk)
                 self.hasher.update(chunk)
-                if self.decoder is not None:
-                    self.decoder.feed(chunk)
                 self.offset += len(chunk)
-                self.consistent = True
                 self.fetched += len(chunk)
+                if self.decoder is not None:
+                    try:
+                        self.decoder.feed(chunk)
+                    except OSError:  # a full disk: what was not written waits in the decoder
+                        self.consistent = True
+                        raise
+                self.consistent = True
                 reporter_.advance(len(chunk))
-                if self.streaming and (self.offset - self.saved >= checkpoint.EVERY
-                                       or time.monotonic() - self.saved_at >= checkpoint.EVERY_SECONDS):
+                if self.streaming and self._checkpoint_due():
                     self.save_checkpoint()
                 cancel.check()

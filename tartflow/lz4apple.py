@@ -104,11 +104,18 @@ class AppleLZ4Decoder:
         self._recent: deque[Chunk] = deque()  # last outputs, together covering the window
         self._recent_len = 0
         self._error: str | None = None
+        self._parsed = 0  # progress of the current _parse, for a sink that fails
+        self._topping_up = False  # _parse is reading the buffered block, not the input
 
     @property
     def decoded(self) -> int:
         """Bytes output so far."""
         return self._decoded
+
+    @property
+    def pending(self) -> int:
+        """Input bytes held for the block cut short (what a snapshot must carry)."""
+        return len(self._buf)
 
     def snapshot(self) -> DecoderState:
         """The state to resume from with :meth:`resumed`; only while healthy and not done."""
@@ -159,8 +166,10 @@ class AppleLZ4Decoder:
                 more = mv[taken : taken + self._missing()]
                 self._buf += more
                 taken += len(more)
+                self._topping_up = True
                 with memoryview(self._buf) as view:
                     end = self._parse(view, emit, False)
+                self._topping_up = False
                 del self._buf[:end]  # O(1): CPython advances a bytearray's start in place
                 self._offset += end
             if taken < len(mv):
@@ -169,6 +178,19 @@ class AppleLZ4Decoder:
                 self._offset += end
         except CorruptLayerError:
             self._buf = bytearray()  # a traceback may still pin views of the old buffer
+            raise
+        except BaseException:
+            # The sink failed (a full disk, say). What it took stays taken and the rest, from
+            # the block it failed on, waits as input: the state stays exact for a snapshot.
+            parsed = self._parsed
+            if self._topping_up:
+                self._topping_up = False
+                del self._buf[:parsed]
+                self._offset += parsed
+                self._buf += mv[taken:]
+            else:
+                self._offset += parsed
+                self._buf += mv[taken + parsed :]
             raise
         return out
 
@@ -199,6 +221,7 @@ class AppleLZ4Decoder:
         """
         n, i = len(src), 0
         while i < n:
+            self._parsed = i  # consumed before this block, should the sink fail on it
             if self._stored_left:
                 take = min(self._stored_left, n - i)
                 piece = src[i : i + take]

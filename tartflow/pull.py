@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from . import credentials
 from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
-from .fetch import FetchResult, fetch_blob
+from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
     DOCKER_LIST,
     OCI_INDEX,
@@ -202,6 +202,10 @@ def _fetch(
 ) -> FetchResult:
     digest = desc.digest
     stored = store.has_blob(digest, desc.size)
+    if not stored and store.wait_for_ingest(digest, on_wait=lambda holder: waiting_note(desc, holder)):
+        # A pull of another image sharing this blob is fetching it; it keeps no compressed
+        # bytes when it decodes them on the way in, but its verified layer can be copied.
+        stored = store.has_blob(digest, desc.size)
     if not stored and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size, verified=True)

@@ -170,16 +170,7 @@ class Store:
     def ingest(self, digest: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[Ingest]:
         """Hold the download of ``digest`` for this process; waits while another holds it."""
         lock = filelock.FileLock(self.blob_lock(digest))
-        waited = False
-        while True:
-            cancel.check()
-            try:
-                lock.acquire(timeout=0.5)
-                break
-            except filelock.Timeout:
-                if on_wait and not waited:
-                    on_wait(self.lock_holder(digest))
-                waited = True
+        self._acquire(lock, digest, on_wait)
         owner = self._lock_base(digest).with_suffix(".owner")
         try:
             owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
@@ -191,6 +182,31 @@ class Store:
             if self.blob_path(digest).exists():
                 shutil.rmtree(self.ingest_dir(digest), ignore_errors=True)  # only ever touched under the lock
             lock.release()
+
+    def wait_for_ingest(self, digest: str, *, on_wait: Callable[[str], None] | None = None) -> bool:
+        """Wait while another download of ``digest`` is in progress; True if there was one.
+
+        What it leaves (a committed blob, or a layer verified into its staging VM) may spare
+        the caller a download of its own.
+        """
+        if not self.ingest_is_locked(digest):
+            return False
+        lock = filelock.FileLock(self.blob_lock(digest))
+        self._acquire(lock, digest, on_wait)
+        lock.release()
+        return True
+
+    def _acquire(self, lock: filelock.FileLock, digest: str, on_wait: Callable[[str], None] | None) -> None:
+        waited = False
+        while True:
+            cancel.check()
+            try:
+                lock.acquire(timeout=0.5)
+                return
+            except filelock.Timeout:
+                if on_wait and not waited:
+                    on_wait(self.lock_holder(digest))
+                waited = True
 
     def lock_holder(self, digest: str) -> str:
         """Who holds the download lock of ``digest``, in words ("pid 123 on mac-7 for 40 s")."""

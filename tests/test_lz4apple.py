@@ -159,6 +159,36 @@ def test_a_decoder_resumed_from_a_snapshot_goes_on_exactly(seed: int) -> None:
         AppleLZ4Decoder.resumed(len(data), state, window[1:] if window else b"x")
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_sink_that_fails_leaves_a_state_to_resume_from(seed: int) -> None:
+    """A full disk fails the sink on some block: the decoder keeps that block and the rest of
+    the input as pending, so a snapshot taken then resumes to exactly the same output."""
+    rng = random.Random(seed)
+    data = _mixed(rng, 500_000)
+    frame = encode_bytes(data, block_sizes=[40_000, 9, 65_536, 30_001], stored=lambda i: i % 3 == 1)
+    fail_at, calls, out = rng.randrange(2, 20), [0], bytearray()
+
+    def sink(piece) -> None:
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise OSError(28, "No space left on device")
+        out.extend(piece)
+
+    dec, fed = AppleLZ4Decoder(len(data)), 0
+    with pytest.raises(OSError):
+        while fed < len(frame):
+            step = rng.choice([7, 5_000, 70_000])
+            dec.feed(frame[fed : fed + step], sink)
+            fed += step
+    fed = min(fed + step, len(frame))  # the piece that failed was received too
+    state = dec.snapshot()
+    assert state.received == fed and state.decoded == len(out)
+    resumed = AppleLZ4Decoder.resumed(len(data), state, bytes(out[-WINDOW:]))
+    resumed.feed(frame[fed:], lambda piece: out.extend(piece))
+    resumed.finish()
+    assert bytes(out) == data
+
+
 def test_one_byte_at_a_time() -> None:
     data = _mixed(random.Random(7), 40_000)
     frame = encode_bytes(data, block_sizes=[5000, 17, 9000], stored=lambda i: i % 3 == 2)
