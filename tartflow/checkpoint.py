@@ -10,8 +10,8 @@ stops for a reason it can catch (Ctrl+C, retries exhausted): a kill -9 costs a l
 the last quarter second or 8 MiB of its download, or one block on a very slow link.
 
 A checkpoint is not fsynced: it vouches for decoded bytes still in the page cache, which
-survive the process, not the machine. So it carries the boot it was
-written in and counts only in the same boot; after a reboot the layer starts over (finished
+survive the process, not the machine. So it carries the boot it was written in and counts
+only in the same boot; after a reboot the layer starts over (finished
 layers are fsynced before their done marker and are always kept). Where the boot cannot be
 told, checkpoints are off and the compressed bytes are kept on disk as before.
 """

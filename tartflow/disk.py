@@ -107,9 +107,9 @@ class LayerDecoder:
             return
         done = resume.decoder.decoded
         window = os.pread(self.fd, min(WINDOW, done), self.layer.offset + done - min(WINDOW, done))
-        self._decoder = AppleLZ4Decoder.resumed(size, resume.decoder, window)
         self._writer = _Writer(self.layer, self.fd, self._dirty, what, Sha256(resume.decoded_hash))
         self._writer.position += done
+        self._decoder = AppleLZ4Decoder.resumed(size, resume.decoder, window, self._writer.write)
 
     def reset(self) -> None:
         if self._writer.position != self.layer.offset:

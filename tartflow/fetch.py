@@ -1,9 +1,10 @@
 """Fetch one blob into the store: resumable, verified while streaming, committed only when right.
 
 A partial download survives anything (dropped connection, failed task, Ctrl+C, kill -9): the
-next attempt re-hashes the partial from disk (local, fast) and asks only for the rest with a
-Range request. A blob whose bytes do not match its descriptor is discarded and fetched again,
-at most ``RetryPolicy.max_digest_mismatches`` times.
+next attempt asks only for the rest with a Range request, after re-hashing the partial from
+disk (local, fast) or, for a disk layer decoded on the way in, from the layer's checkpoint
+(checkpoint.py: no compressed bytes kept, nothing re-read). A blob whose bytes do not match its
+descriptor is discarded and fetched again, at most ``RetryPolicy.max_digest_mismatches`` times.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ def fetch_blob(
 ) -> FetchResult:
     """Make ``desc`` a committed blob in ``store``; returns at once if it already is.
 
-    With a ``fill``, the disk layer is decoded into the staging VM as its bytes arrive (and
-    from the partial on disk when resuming), so nothing is read back; bytes that do not decode
-    count as a digest mismatch. Once both digests match, the layer is marked done and the
-    compressed bytes are dropped instead of committed unless ``keep()`` says another pull
-    needs them: the decoded layer is what is kept, so they are never flushed to disk (the
-    result's ``path`` is then empty).
+    With a ``fill``, the disk layer is decoded into the staging VM as its bytes arrive, so
+    nothing is read back; bytes that do not decode count as a digest mismatch. Unless
+    ``keep()`` says another pull needs the compressed bytes (or a partial of them is already
+    on disk, or checkpoints cannot work here), they are not written at all: the layer saves
+    checkpoints instead and resumes from them. Once both digests match, the layer is marked
+    done; the decoded layer is what is kept (the result's ``path`` is then empty).
     """
     started = time.monotonic()
     if store.has_blob(desc.digest, desc.size):

@@ -124,17 +124,21 @@ class AppleLZ4Decoder:
         return DecoderState(self._offset, self._decoded, self._stored_left, bytes(self._buf))
 
     @classmethod
-    def resumed(cls, expected_size: int, state: DecoderState, window: bytes, **kwargs: int) -> AppleLZ4Decoder:
+    def resumed(
+        cls, expected_size: int, state: DecoderState, window: bytes, sink: Callable[[Chunk], None], **kwargs: int
+    ) -> AppleLZ4Decoder:
         """A decoder that goes on from ``state``; ``window`` is the output's last
-        ``min(64 KiB, state.decoded)`` bytes (read back from where they were written)."""
+        ``min(64 KiB, state.decoded)`` bytes (read back from where they were written). The
+        pending input is fed again at once, its output going to ``sink``: it may hold whole
+        blocks (those a failed sink did not take), and the stream may have nothing more to add."""
         if len(window) != min(WINDOW, state.decoded) or state.decoded > expected_size:
             raise ValueError("window or state does not fit the stream")
         decoder = cls(expected_size, **kwargs)
         decoder._offset, decoder._decoded, decoder._stored_left = state.offset, state.decoded, state.stored_left
-        decoder._buf = bytearray(state.pending)
         if window:
             decoder._recent.append(window)
             decoder._recent_len = len(window)
+        decoder.feed(state.pending, sink)
         return decoder
 
     @property
@@ -163,7 +167,7 @@ class AppleLZ4Decoder:
         taken = 0
         try:
             while self._buf and taken < len(mv):  # top up the cut block, no more
-                more = mv[taken : taken + self._missing()]
+                more = mv[taken : taken + max(0, self._missing())]  # none if a failed sink left whole blocks
                 self._buf += more
                 taken += len(more)
                 self._topping_up = True
