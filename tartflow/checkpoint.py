@@ -9,6 +9,8 @@ comes first (the latter only once more bytes came in than it carries), and when 
 stops for a reason it can catch (Ctrl+C, retries exhausted): a kill -9 costs a layer at most
 the last quarter second or 8 MiB of its download, or one block on a very slow link.
 
+A resume re-reads the decoded part of that layer (not of finished layers) and checks it
+against the checkpoint's hash before trusting it; if it differs, the layer starts over.
 A checkpoint is not fsynced: it vouches for decoded bytes still in the page cache, which
 survive the process, not the machine. So it carries the boot it was written in and counts
 only in the same boot; after a reboot the layer starts over (finished

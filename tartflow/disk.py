@@ -87,7 +87,8 @@ class LayerDecoder:
     ``reset()`` starts the layer over (a restarted download); from then on the region may hold
     stale bytes, so zero chunks are cleared where needed instead of skipped. A ``resumable``
     decoder hashes with :class:`Sha256`, so ``snapshot()`` can save where it stands and a
-    decoder made with ``resume=`` goes on from there (its window read back from ``disk.img``).
+    decoder made with ``resume=`` goes on from there (its window read back from ``disk.img``),
+    once the decoded bytes there hash to what the snapshot saw (ValueError if not).
     """
 
     def __init__(
@@ -106,8 +107,11 @@ class LayerDecoder:
             self._writer = _Writer(self.layer, self.fd, self._dirty, what, Sha256() if self.resumable else None)
             return
         done = resume.decoder.decoded
+        hasher = Sha256(resume.decoded_hash)
+        if _sha256_of(self.fd, self.layer.offset, done) != hasher.hexdigest():
+            raise ValueError("the decoded bytes on disk are not those the checkpoint saw")
         window = os.pread(self.fd, min(WINDOW, done), self.layer.offset + done - min(WINDOW, done))
-        self._writer = _Writer(self.layer, self.fd, self._dirty, what, Sha256(resume.decoded_hash))
+        self._writer = _Writer(self.layer, self.fd, self._dirty, what, hasher)
         self._writer.position += done
         self._decoder = AppleLZ4Decoder.resumed(size, resume.decoder, window, self._writer.write)
 
@@ -163,6 +167,17 @@ class _Writer:
             raise CorruptLayerError(f"{self.what} has content {actual[:19]}..., not "
                                     f"{self.layer.uncompressed_digest[:19]}... as the manifest says")
         reporter().layer_done()
+
+
+def _sha256_of(fd: int, offset: int, length: int) -> str:
+    hasher = hashlib.sha256()
+    while length > 0:
+        data = os.pread(fd, min(_READ, length), offset)
+        if not data:
+            break
+        hasher.update(data)
+        offset, length = offset + len(data), length - len(data)
+    return hasher.hexdigest()
 
 
 def _write_sparse(fd: int, data: bytes | memoryview, offset: int, dirty: bool) -> None:

@@ -3,7 +3,7 @@
 A partial download survives anything (dropped connection, failed task, Ctrl+C, kill -9): the
 next attempt asks only for the rest with a Range request, after re-hashing the partial from
 disk (local, fast) or, for a disk layer decoded on the way in, from the layer's checkpoint
-(checkpoint.py: no compressed bytes kept, nothing re-read). A blob whose bytes do not match its
+(checkpoint.py: no compressed bytes kept; only the layer's decoded part is re-read, to check it). A blob whose bytes do not match its
 descriptor is discarded and fetched again, at most ``RetryPolicy.max_digest_mismatches`` times.
 """
 

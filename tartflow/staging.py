@@ -71,8 +71,9 @@ class LayerFill:
         try:
             resume = found.layer if found is not None else None
             self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True, resume=resume)
-        except ValueError:  # a state this library cannot take
+        except ValueError:  # a state this library cannot take, or decoded bytes changed since
             found = None
+            self.drop_checkpoint()
             self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
         return found
 

@@ -9,7 +9,10 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tartflow import checkpoint
+from tests.conftest import SMALL_LAYER_SIZE
 from tests.checks import assert_same_vm, done_layers, fetchable_bytes, partial, resumable, vm_dir, wait_for
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
@@ -123,6 +126,37 @@ def test_kill_mid_layer_then_resume_asks_only_for_the_rest(
     # Together both runs moved the image about once: only bytes in flight at the kill again.
     total = fetchable_bytes(small_image)
     assert served_first + proxy.blob_bytes_served <= total * 1.15
+
+
+def test_a_checkpoint_over_decoded_bytes_that_were_lost_costs_a_download_not_the_pull(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
+) -> None:
+    """A checkpoint vouches for decoded bytes in disk.img; a resume re-hashes them first. If
+    they were damaged meanwhile, the layer starts over: the pull succeeds byte-exact."""
+    if not checkpoint.possible():
+        pytest.skip("checkpoints are off here: resume uses the compressed partial")
+    ref = f"{proxy.host}/{small_image.repository}:{small_image.tag}"
+    index, biggest = max(enumerate(small_image.disk_layers), key=lambda pair: pair[1]["size"])
+    proxy.throttle(2_000_000)
+    proc = user.start("pull", "--insecure", ref)
+    try:
+        wait_for(lambda: resumable(user, small_image, biggest["digest"]) >= biggest["size"] // 2, 60)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
+    kept = resumable(user, small_image, biggest["digest"])
+    disk = user.store / "staging" / small_image.manifest_digest.split(":")[1] / "disk.img"
+    with open(disk, "r+b") as f:  # the start of the layer, well inside what the checkpoint vouches for
+        f.seek(index * SMALL_LAYER_SIZE)
+        f.write(os.urandom(4096))
+    proxy.clear_faults()
+    proxy.reset_counters()
+    result = user.run("pull", "--insecure", ref)
+    assert result.returncode == 0, result.stderr
+    assert_same_vm(vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest), small_image)
+    ranged = [r.range_header for r in proxy.requests if biggest["digest"] in r.path]
+    assert kept and ranged == [None]  # fetched whole again, not resumed over damaged bytes
 
 
 def test_a_verified_layer_keeps_only_its_decoded_bytes_and_is_never_fetched_again(
