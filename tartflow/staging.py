@@ -21,7 +21,7 @@ import filelock
 
 from . import checkpoint
 from .disk import LayerDecoder, copy_layer, decode_layer
-from .errors import StoreError
+from .errors import CorruptLayerError, StoreError
 from .manifest import Descriptor, DiskLayer, TartImage
 from .reference import digest_hex
 from .store import Store, atomic_write
@@ -71,7 +71,8 @@ class LayerFill:
         try:
             resume = found.layer if found is not None else None
             self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True, resume=resume)
-        except ValueError:  # a state this library cannot take, or decoded bytes changed since
+        except (ValueError, CorruptLayerError):  # a state this library cannot take, decoded bytes
+            # changed since, or pending input that does not decode (it was never verified)
             found = None
             self.drop_checkpoint()
             self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
