@@ -169,8 +169,7 @@ class Store:
     @contextmanager
     def ingest(self, digest: str, *, on_wait: Callable[[str], None] | None = None) -> Iterator[Ingest]:
         """Hold the download of ``digest`` for this process; waits while another holds it."""
-        lock = filelock.FileLock(self.blob_lock(digest))
-        self._acquire(lock, digest, on_wait)
+        lock = self._acquire(digest, on_wait)
         owner = self._lock_base(digest).with_suffix(".owner")
         try:
             owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
@@ -191,18 +190,18 @@ class Store:
         """
         if not self.ingest_is_locked(digest):
             return False
-        lock = filelock.FileLock(self.blob_lock(digest))
-        self._acquire(lock, digest, on_wait)
-        lock.release()
+        self._acquire(digest, on_wait).release()
         return True
 
-    def _acquire(self, lock: filelock.FileLock, digest: str, on_wait: Callable[[str], None] | None) -> None:
+    def _acquire(self, digest: str, on_wait: Callable[[str], None] | None) -> filelock.FileLock:
+        """The download lock of ``digest``, held; waits (telling ``on_wait`` once) while another has it."""
+        lock = filelock.FileLock(self.blob_lock(digest))
         waited = False
         while True:
             cancel.check()
             try:
                 lock.acquire(timeout=0.5)
-                return
+                return lock
             except filelock.Timeout:
                 if on_wait and not waited:
                     on_wait(self.lock_holder(digest))
