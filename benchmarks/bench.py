@@ -770,8 +770,8 @@ def _bytes_under(store: Path, image: Image) -> int:
         if (state / f"layer-{i}.done").exists():
             total += int(layer["size"])
             continue
-        found = [checkpoint.load(slot, layer["digest"]) for slot in state.glob(f"layer-{i}.checkpoint-*")]
-        total += max((c.received for c in found if c is not None), default=0)
+        found = checkpoint.newest(state.glob(f"layer-{i}.checkpoint-*"), layer["digest"])
+        total += found[1].received if found else 0
     return total
 
 

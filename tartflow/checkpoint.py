@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from . import sha256
 from .disk import LayerState
 from .lz4apple import DecoderState
 
-__all__ = ["EVERY", "EVERY_SECONDS", "Checkpoint", "boot_id", "load", "possible", "save"]
+__all__ = ["EVERY", "EVERY_SECONDS", "Checkpoint", "boot_id", "load", "newest", "possible", "save"]
 
 #: A layer's download saves a checkpoint once this many compressed bytes or this many seconds
 #: went by since its last one: the most a kill -9 can cost it.
@@ -120,3 +121,14 @@ def load(path: Path, blob: str) -> Checkpoint | None:
         return Checkpoint(blob, int(head["received"]), bytes.fromhex(head["blob_hash"]), layer)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def newest(paths: Iterable[Path], blob: str) -> tuple[int, Checkpoint] | None:
+    """The whole checkpoint for ``blob`` that got furthest among the slot files ``paths``, with
+    its slot's place in ``paths``; None if no slot holds one."""
+    found: tuple[int, Checkpoint] | None = None
+    for i, path in enumerate(paths):
+        loaded = load(path, blob)
+        if loaded is not None and (found is None or loaded.received > found[1].received):
+            found = i, loaded
+    return found

@@ -115,29 +115,24 @@ class _Download:
         self.decoder = fill.decoder if fill is not None else None
         self.fetched = 0
         self.mismatches, self.max_mismatches = 0, max_mismatches
-        self.hasher: Any = hashlib.sha256()
+        self.hasher = self._new_hasher()
         self.saved, self.saved_at = 0, time.monotonic()  # offset and time of the last checkpoint
         self.consistent = True  # hash, decoder and offset agree (false while a chunk is half taken)
         self.offset = self._resume() if streaming else self._rehash()
 
     def _resume(self) -> int:
-        """Go on from the layer's checkpoint, if there is one this library can take."""
+        """Go on from the layer's checkpoint, if there is one this run can use."""
         assert self.fill is not None
         found = self.fill.checkpointed(self.desc.digest)
         self.decoder = self.fill.decoder
-        self.hasher = Sha256()
         if found is None:
             return 0
-        try:
-            if found.received > self.desc.size:
-                raise ValueError("checkpoint past the end of the blob")
-            self.hasher = Sha256(found.blob_hash)
-        except ValueError:
-            self.fill.drop_checkpoint()
-            self.decoder.reset()
-            return 0
-        self.saved = found.received
-        return found.received
+        self.saved, self.hasher = found
+        return self.saved
+
+    def _new_hasher(self) -> Any:
+        """A hash whose state a checkpoint can save when streaming, else hashlib's."""
+        return Sha256() if self.streaming else hashlib.sha256()
 
     def _checkpoint_due(self) -> bool:
         """Every ``EVERY`` bytes, or every ``EVERY_SECONDS`` once more bytes came in than the
@@ -181,7 +176,7 @@ class _Download:
     def restart(self) -> None:
         self.ingest.discard()
         reporter().skip(-self.offset)
-        self.hasher, self.offset = Sha256() if self.streaming else hashlib.sha256(), 0
+        self.hasher, self.offset = self._new_hasher(), 0
         if self.decoder is not None:
             self.decoder.reset()
         if self.fill is not None and self.streaming:

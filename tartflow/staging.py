@@ -24,6 +24,7 @@ from .disk import LayerDecoder, copy_layer, decode_layer
 from .errors import CorruptLayerError, StoreError
 from .manifest import Descriptor, DiskLayer, TartImage
 from .reference import digest_hex
+from .sha256 import Sha256
 from .store import Store, atomic_write
 
 __all__ = ["LayerFill", "Staging"]
@@ -59,24 +60,27 @@ class LayerFill:
         self._newest = 1  # the slot holding the newest checkpoint; the other is written next
         self.decoder = LayerDecoder(layer, slot.fd, dirty=slot.dirty)
 
-    def checkpointed(self, blob: str) -> checkpoint.Checkpoint | None:
-        """Make the decoder resumable; resume it from the layer's newest whole checkpoint for
-        ``blob`` if there is one (only over bytes an unfinished run left: a dirty layer), and
-        return it."""
-        found = None
-        for i, path in enumerate(self._paths if self._slot.dirty else ()):
-            loaded = checkpoint.load(path, blob)
-            if loaded is not None and (found is None or loaded.received > found.received):
-                found, self._newest = loaded, i
-        try:
-            resume = found.layer if found is not None else None
-            self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True, resume=resume)
-        except (ValueError, CorruptLayerError):  # a state this library cannot take, decoded bytes
-            # changed since, or pending input that does not decode (it was never verified)
-            found = None
-            self.drop_checkpoint()
-            self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
-        return found
+    def checkpointed(self, blob: str) -> tuple[int, Sha256] | None:
+        """Make the decoder resumable and resume it from the layer's newest whole checkpoint
+        for ``blob`` (only over bytes an unfinished run left: a dirty layer). Returns the
+        compressed bytes that checkpoint received and their hash to go on with; None (and the
+        checkpoint dropped) when there is none this run can use."""
+        found = checkpoint.newest(self._paths, blob) if self._slot.dirty else None
+        if found is not None:
+            slot, saved = found
+            try:
+                if saved.received > self.layer.blob.size:
+                    raise ValueError("checkpoint past the end of the blob")
+                blob_hash = Sha256(saved.blob_hash)
+                self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True,
+                                            resume=saved.layer)
+                self._newest = slot
+                return saved.received, blob_hash
+            except (ValueError, CorruptLayerError):  # a state this library cannot take, decoded
+                # bytes changed since, or pending input that does not decode (never verified)
+                self.drop_checkpoint()
+        self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
+        return None
 
     def save_checkpoint(self, blob: str, received: int, blob_hash: bytes) -> None:
         """Written over the older of the two slots, so a torn write leaves the newer one."""

@@ -44,10 +44,8 @@ def resumable(user: Tartflow, image: BuiltImage, digest: str) -> int:
     kept = data.stat().st_size if data.exists() else 0
     state = user.store / "staging" / f"{image.manifest_digest.split(':')[1]}.state"
     for i, layer in enumerate(image.disk_layers):
-        if layer["digest"] == digest:
-            for slot in state.glob(f"layer-{i}.checkpoint-*"):
-                found = checkpoint.load(slot, digest)
-                kept = max(kept, found.received if found is not None else 0)
+        if layer["digest"] == digest and (found := checkpoint.newest(state.glob(f"layer-{i}.checkpoint-*"), digest)):
+            kept = max(kept, found[1].received)
     return kept
 
 
