@@ -236,7 +236,12 @@ class FaultProxy:
             return [RequestRecord(*entry) for entry in self._requests]
 
     def reset_counters(self) -> None:
-        with self._lock:
+        """Count afresh from here, once no response is being sent. A client killed mid-body
+        leaves its handler sending (and counting) one more chunk before the socket fails;
+        that chunk belongs to the run before, not to the next count."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._active == 0, 10):
+                raise AssertionError("fault proxy: a response was still being sent 10 s after its client left")
             self._blob_bytes = 0
             self._requests: list[list[Any]] = []
 
