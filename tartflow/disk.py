@@ -8,6 +8,8 @@ survive and holes stay holes. Memory is one decoded block plus the 64 KiB LZ4 wi
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import itertools
 import os
@@ -34,6 +36,9 @@ _ZEROS = bytes(ZERO_CHUNK)
 _FEED = 1024 * 1024
 #: Plain reads of already decoded bytes (local copies from Tart's cache).
 _READ = 4 * 1024 * 1024
+#: Decoded bytes after which a writer asks the kernel to start writing them out (see
+#: :func:`_start_writeback`).
+_WRITEBACK = 32 * 1024 * 1024
 
 
 #: Decodes at once in this process: decoding is CPU-bound, so more than one per core gains
@@ -150,6 +155,7 @@ class _Writer:
         self.hasher = hasher if hasher is not None else hashlib.sha256()
         self.position = layer.offset
         self.end = layer.offset + layer.uncompressed_size
+        self.flushed = layer.offset
 
     def write(self, piece: bytes | memoryview) -> None:
         if self.position + len(piece) > self.end:
@@ -157,6 +163,9 @@ class _Writer:
         _write_sparse(self.fd, piece, self.position, self.dirty)  # first: if it fails, nothing counted it
         self.hasher.update(piece)
         self.position += len(piece)
+        if self.position - self.flushed >= _WRITEBACK:
+            _start_writeback(self.fd, self.flushed, self.position - self.flushed)
+            self.flushed = self.position
 
     def finish(self) -> None:
         size = self.layer.uncompressed_size
@@ -178,6 +187,36 @@ def _sha256_of(fd: int, offset: int, length: int) -> str:
         hasher.update(data)
         offset, length = offset + len(data), length - len(data)
     return hasher.hexdigest()
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    except (OSError, AttributeError, TypeError):  # not Linux: no such call
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes at ``offset`` to the device, without waiting.
+
+    A finished layer is fdatasynced before its done marker (staging.py), and ``disk.img`` is
+    one file that every layer in flight writes to: left to itself, each sync waited for the
+    write-out of all of them at once, and with layers finishing together the CPUs sat idle for
+    up to half a second each time (4 GiB benchmark: 2 cores 70 % busy during the download,
+    90+ % with this). Kicking write-out as bytes arrive keeps the device busy in the background
+    and leaves each sync little to wait for. Linux only (``sync_file_range``); elsewhere it
+    does nothing and the layer's sync does all the writing, as before. A failure here is
+    harmless: the sync that matters reports it.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_sparse(fd: int, data: bytes | memoryview, offset: int, dirty: bool) -> None:
