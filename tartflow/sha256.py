@@ -23,26 +23,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from .native import pin, unpin
+
 __all__ = ["Sha256", "available"]
 
 _CHUNK = 1 << 30  # CommonCrypto takes a 32-bit length
-
-
-class _PyBuffer(ctypes.Structure):
-    """CPython's ``Py_buffer`` (stable since 3.3): the address of any contiguous buffer."""
-
-    _fields_ = [
-        ("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p),
-    ]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 
 
 @dataclass(frozen=True)
@@ -109,16 +94,12 @@ class Sha256:
         return self._lib.kind
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = _PyBuffer()
-        _get_buffer(data, ctypes.byref(view), 0)  # PyBUF_SIMPLE: contiguous bytes; raises if not
+        view = pin(data)
         try:
-            done = 0
-            while done < view.len:
-                step = min(_CHUNK, view.len - done)
-                self._lib.update(self._ctx, view.buf + done, step)
-                done += step
+            for done in range(0, view.len, _CHUNK):
+                self._lib.update(self._ctx, view.buf + done, min(_CHUNK, view.len - done))
         finally:
-            _release_buffer(ctypes.byref(view))
+            unpin(view)
 
     def state(self) -> bytes:
         """The running state, to hand back as ``Sha256(state=...)`` later (same library)."""

@@ -5,16 +5,38 @@ from __future__ import annotations
 import random
 import struct
 import tracemalloc
+from collections.abc import Iterator
 
 import lz4.block
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tartflow import lz4apple
 from tartflow.errors import CorruptLayerError
 from tartflow.lz4apple import WINDOW, AppleLZ4Decoder, encode, encode_bytes
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The implementation fixture below is the same for every example of a property test.
+FUZZ = settings(max_examples=200, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+NATIVE = lz4apple._NATIVE
+
+
+@pytest.fixture(autouse=True, params=["native", "python-lz4"])
+def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs with liblz4 called directly (what pulls use) and with python-lz4's
+    ``decompress`` (the fallback where the direct call is unavailable)."""
+    lz4apple._NATIVE = NATIVE if request.param == "native" else None
+    try:
+        yield request.param
+    finally:
+        lz4apple._NATIVE = NATIVE
+
+
+def test_liblz4_is_called_directly_here() -> None:
+    """Found in python-lz4's extension and passing its self-test: else pulls decode slower."""
+    assert NATIVE is not None
 
 
 # -- helpers: an independent, by-the-spec view of the format ----------------------------------
