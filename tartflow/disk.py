@@ -8,8 +8,6 @@ survive and holes stay holes. Memory is one decoded block plus the 64 KiB LZ4 wi
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import itertools
 import os
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import cancel
+from . import cancel, pagecache
 from .errors import CorruptLayerError
 from .lz4apple import WINDOW, AppleLZ4Decoder, DecoderState
 from .manifest import DiskLayer
@@ -36,8 +34,8 @@ _ZEROS = bytes(ZERO_CHUNK)
 _FEED = 1024 * 1024
 #: Plain reads of already decoded bytes (local copies from Tart's cache).
 _READ = 4 * 1024 * 1024
-#: Decoded bytes after which a writer asks the kernel to start writing them out (see
-#: :func:`_start_writeback`).
+#: Decoded bytes after which a writer has the kernel start writing them out and drops from
+#: the page cache the stretch before, written out meanwhile (pagecache.py).
 _WRITEBACK = 32 * 1024 * 1024
 
 
@@ -155,7 +153,7 @@ class _Writer:
         self.hasher = hasher if hasher is not None else hashlib.sha256()
         self.position = layer.offset
         self.end = layer.offset + layer.uncompressed_size
-        self.flushed = layer.offset
+        self.flushed = self.dropped = layer.offset  # write-out started / pages dropped up to here
 
     def write(self, piece: bytes | memoryview) -> None:
         if self.position + len(piece) > self.end:
@@ -164,7 +162,9 @@ class _Writer:
         self.hasher.update(piece)
         self.position += len(piece)
         if self.position - self.flushed >= _WRITEBACK:
-            _start_writeback(self.fd, self.flushed, self.position - self.flushed)
+            pagecache.drop(self.fd, self.dropped, self.flushed - self.dropped)
+            self.dropped = self.flushed
+            pagecache.start_writeback(self.fd, self.flushed, self.position - self.flushed)
             self.flushed = self.position
 
     def finish(self) -> None:
@@ -187,36 +187,6 @@ def _sha256_of(fd: int, offset: int, length: int) -> str:
         hasher.update(data)
         offset, length = offset + len(data), length - len(data)
     return hasher.hexdigest()
-
-
-def _load_sync_file_range() -> Any:
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
-    except (OSError, AttributeError, TypeError):  # not Linux: no such call
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _load_sync_file_range()
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing ``length`` bytes at ``offset`` to the device, without waiting.
-
-    A finished layer is fdatasynced before its done marker (staging.py), and ``disk.img`` is
-    one file that every layer in flight writes to: left to itself, each sync waited for the
-    write-out of all of them at once, and with layers finishing together the CPUs sat idle for
-    up to half a second each time (4 GiB benchmark: 2 cores 70 % busy during the download,
-    90+ % with this). Kicking write-out as bytes arrive keeps the device busy in the background
-    and leaves each sync little to wait for. Linux only (``sync_file_range``); elsewhere it
-    does nothing and the layer's sync does all the writing, as before. A failure here is
-    harmless: the sync that matters reports it.
-    """
-    if _SYNC_FILE_RANGE is not None:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _write_sparse(fd: int, data: bytes | memoryview, offset: int, dirty: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import filelock
 
-from . import checkpoint
+from . import checkpoint, pagecache
 from .disk import LayerDecoder, copy_layer, decode_layer
 from .errors import CorruptLayerError, StoreError
 from .manifest import Descriptor, DiskLayer, TartImage
@@ -35,12 +35,15 @@ class _Slot:
     fd: int
     dirty: bool
     mark_done: Callable[[], None]
+    layer: DiskLayer
     done: bool = False
 
     def finish(self) -> None:
-        """The layer is written and verified: make its bytes durable, then mark it done."""
+        """The layer is written and verified: make its bytes durable, then mark it done. Its
+        pages, all clean now, leave the page cache (pagecache.py)."""
         if not self.done:
             _sync_data(self.fd)
+            pagecache.drop(self.fd, self.layer.offset, self.layer.uncompressed_size)
             self.mark_done()
             self.done = True
 
@@ -207,7 +210,7 @@ class Staging:
 
             # Read-write even when clean: a restarted download turns the layer dirty, and clearing
             # stale bytes reads before it writes.
-            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty, mark_done)
+            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty, mark_done, self.image.disk_layers[index])
             try:
                 yield slot
             finally:

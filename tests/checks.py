@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +25,25 @@ def assert_same_vm(directory: Path, image: BuiltImage) -> None:
     assert (directory / "config.json").read_bytes() == image.config_json
     assert (directory / "nvram.bin").read_bytes() == image.nvram
     assert (directory / "manifest.json").read_bytes() == image.manifest_bytes
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (Linux ``mincore`` on a shared mapping)."""
+    if not sys.platform.startswith("linux"):
+        raise NotImplementedError("mincore residency is checked on Linux only")
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as mapped:
+        vector = (ctypes.c_ubyte * pages)()
+        anchor = ctypes.c_char.from_buffer(mapped)
+        try:
+            if libc.mincore(ctypes.addressof(anchor), size, vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+        finally:
+            del anchor  # the mapping cannot close while a ctypes view of it lives
+        return sum(v & 1 for v in vector) * mmap.PAGESIZE
 
 
 def assert_pulled(user: Tartflow, host: str, image: BuiltImage) -> None:

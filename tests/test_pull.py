@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,9 @@ import pytest
 
 from tartflow import checkpoint
 from tests.conftest import SMALL_LAYER_SIZE
-from tests.checks import assert_same_vm, done_layers, fetchable_bytes, partial, resumable, vm_dir, wait_for
+from tests.checks import (
+    assert_same_vm, done_layers, fetchable_bytes, partial, resident_bytes, resumable, vm_dir, wait_for,
+)
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, push_blob, push_raw_manifest
@@ -31,6 +34,8 @@ def test_pull_lands_byte_exact_in_tarts_cache(user: Tartflow, proxy: FaultProxy,
     result = user.run("pull", "--insecure", ref)
     assert result.returncode == 0, result.stderr
     digest_dir = vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest)
+    if sys.platform.startswith("linux"):  # each layer left the page cache once durable (pagecache.py)
+        assert resident_bytes(digest_dir / "disk.img") == 0
     assert_same_vm(digest_dir, small_image)
     # Exactly Tart's layout: digest directory, absolute tag link, nothing else in the cache.
     host = proxy.host.replace(":", "%3A")
