@@ -237,10 +237,13 @@ class Staging:
                 raise StoreError(f"{name} is missing from the staging VM; run the pull again")
 
     def sync(self) -> None:
-        """fsync ``disk.img`` once, before the rename that makes it final."""
+        """fsync ``disk.img`` once, before the rename that makes it final, then drop what the
+        page cache still holds of it: each layer drops its own range when done, but the kernel
+        keeps a page (or a large folio) that reaches past that range."""
         fd = os.open(self.dir / "disk.img", os.O_RDONLY)
         try:
             os.fsync(fd)
+            pagecache.drop(fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
 

@@ -34,8 +34,9 @@ def test_pull_lands_byte_exact_in_tarts_cache(user: Tartflow, proxy: FaultProxy,
     result = user.run("pull", "--insecure", ref)
     assert result.returncode == 0, result.stderr
     digest_dir = vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest)
-    if sys.platform.startswith("linux"):  # each layer left the page cache once durable (pagecache.py)
-        assert resident_bytes(digest_dir / "disk.img") == 0
+    if sys.platform.startswith("linux"):  # the layers left the page cache once durable (pagecache.py)
+        # 10 MB stay without that; the kernel may keep a page or folio it is still busy with.
+        assert resident_bytes(digest_dir / "disk.img") < SMALL_LAYER_SIZE
     assert_same_vm(digest_dir, small_image)
     # Exactly Tart's layout: digest directory, absolute tag link, nothing else in the cache.
     host = proxy.host.replace(":", "%3A")
