@@ -167,7 +167,7 @@ class _Download:
                         self.decoder.feed(chunk)
         except (FileNotFoundError, CorruptLayerError):  # no partial, or one that cannot be right
             self.ingest.discard()
-            self.hasher = hashlib.sha256()
+            self.hasher = self._new_hasher()
             if self.decoder is not None:
                 self.decoder.reset()
             return 0
