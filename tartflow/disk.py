@@ -56,7 +56,7 @@ def decode_layer(blob: Path, layer: DiskLayer, disk_fd: int, *, dirty: bool) -> 
             while data := src.read(_FEED):
                 decoder.feed(data)
                 cancel.check()
-        decoder.finish()
+        decoder.verify()
     finally:
         DECODE_SLOTS.release()
 
@@ -72,7 +72,7 @@ def copy_layer(source: Path, source_offset: int, layer: DiskLayer, disk_fd: int,
             left -= len(data)
             writer.write(data)
             cancel.check()
-    writer.finish()
+    writer.verify()
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class LayerDecoder:
     ) -> None:
         self.layer, self.fd, self._dirty = layer, disk_fd, dirty
         self.resumable = resumable or resume is not None
-        self.finished = False
+        self.verified = False
         self._start(resume)
 
     def _start(self, resume: LayerState | None = None) -> None:
@@ -137,14 +137,16 @@ class LayerDecoder:
     def feed(self, data: bytes | memoryview) -> None:
         self._decoder.feed(data, self._writer.write)  # each block written as soon as decoded
 
-    def finish(self) -> None:
+    def verify(self) -> None:
+        """After the last compressed byte: raise CorruptLayerError unless the stream ended
+        cleanly and the layer has exactly its declared size and content digest."""
         self._decoder.finish()
-        self._writer.finish()
-        self.finished = True
+        self._writer.verify()
+        self.verified = True
 
 
 class _Writer:
-    """Writes decoded bytes from ``layer.offset`` on, hashing as they pass; ``finish`` raises
+    """Writes decoded bytes from ``layer.offset`` on, hashing as they pass; ``verify`` raises
     CorruptLayerError unless exactly ``uncompressed_size`` bytes with ``uncompressed_digest``
     went by."""
 
@@ -167,7 +169,7 @@ class _Writer:
             pagecache.start_writeback(self.fd, self.flushed, self.position - self.flushed)
             self.flushed = self.position
 
-    def finish(self) -> None:
+    def verify(self) -> None:
         size = self.layer.uncompressed_size
         if self.position != self.end:
             raise CorruptLayerError(f"{self.what} has {self.position - self.layer.offset} bytes, not the declared {size}")

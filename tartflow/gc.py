@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .staging import staged_blobs
 from .store import Store, is_locked
 
 __all__ = ["GcReport", "collect"]
@@ -62,7 +63,7 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
         elif now - _newest_write(staging) > older_than:
             remove(staging, f"staging VM {staging.name[:12]}")
             shutil.rmtree(state, ignore_errors=True)
-    wanted = store.staged_blobs()  # what the staging VMs that remain still need
+    wanted = staged_blobs(store)  # what the staging VMs that remain still need
     for blob in sorted((store.root / "blobs" / "sha256").glob("*")):
         if "sha256:" + blob.name not in wanted and now - blob.stat().st_mtime > older_than:
             remove(blob, f"blob {blob.name[:12]}")

@@ -41,7 +41,7 @@ from .registry.client import ClientSettings, client_for
 from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
 from .registry.retry import RetryPolicy, retrying
 from .reuse import reuse_local
-from .staging import Staging
+from .staging import Staging, staged_blobs
 from .store import Store, translate_os_errors
 from .tartcache import TartCache, tart_home
 
@@ -223,7 +223,7 @@ def _fetch(
                 return _done_elsewhere(desc)
 
             def wanted_elsewhere() -> bool:  # a pull of another image that shares this layer
-                return digest in store.staged_blobs(besides=image.manifest_digest)
+                return digest in staged_blobs(store, besides=image.manifest_digest)
 
             return fetch_blob(store, client, ref.repository, desc, policy, fill, keep=wanted_elsewhere)
 
@@ -310,7 +310,7 @@ def _check_space(store: Store, staging: Staging, image: TartImage, pending: list
 def _release_blobs(store: Store, image: TartImage, digests: list[str] | None = None) -> None:
     """Drop compressed blobs of this image (all, or ``digests``) whose decoded form is kept,
     unless another staging VM (a pull in progress) still lists them."""
-    wanted = store.staged_blobs(besides=image.manifest_digest)
+    wanted = staged_blobs(store, besides=image.manifest_digest)
     for digest in digests if digests is not None else [d.digest for d in image.blobs]:
         if digest not in wanted and not store.ingest_is_locked(digest):
             store.blob_path(digest).unlink(missing_ok=True)

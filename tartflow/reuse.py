@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import CorruptLayerError, TartflowError
 from .manifest import TartImage, parse_manifest
 from .progress import reporter
-from .staging import Staging
+from .staging import Staging, staged_images
 from .tartcache import TartCache
 
 __all__ = ["reuse_local"]
@@ -44,7 +44,7 @@ def _local_vms(cache: TartCache, staging: Staging) -> Iterator[_LocalVM]:
                 yield _LocalVM(vm, parse_manifest(manifest.read_bytes(), vm.name), lambda i: True)
             except (TartflowError, OSError):
                 continue
-    for image in staging.store.staged_images(besides=exclude):
+    for image in staged_images(staging.store, besides=exclude):
         other = Staging(staging.store, image)
         yield _LocalVM(other.dir, other.image, other.layer_done)
 

@@ -6,6 +6,9 @@ beside it in ``staging/<manifest hex>.state/`` so it never reaches Tart's cache:
 ``layer-<i>.done`` once layer i is decoded and verified, ``layer-<i>.dirty`` while it is being
 written (so a retry clears stale bytes), ``layer-<i>.checkpoint-{0,1}`` where a download decoded on
 the way in can resume (checkpoint.py), and one lock per layer and for the whole VM.
+
+Which blobs the staging VMs still need (``staged_blobs``) is read from their manifests here:
+they are staging's, not the content store's.
 """
 
 from __future__ import annotations
@@ -21,53 +24,80 @@ import filelock
 
 from . import checkpoint, pagecache
 from .disk import LayerDecoder, copy_layer, decode_layer
-from .errors import CorruptLayerError, StoreError
-from .manifest import Descriptor, DiskLayer, TartImage
+from .errors import CorruptLayerError, StoreError, TartflowError
+from .manifest import Descriptor, DiskLayer, TartImage, parse_manifest
 from .reference import digest_hex
 from .sha256 import Sha256
 from .store import Store, atomic_write
 
-__all__ = ["LayerFill", "Staging"]
+__all__ = ["LayerFill", "Staging", "staged_blobs", "staged_images"]
+
+
+def staged_images(store: Store, *, besides: str | None = None) -> Iterator[TartImage]:
+    """The image of every staging VM (a pull in progress) whose manifest reads; ``besides``
+    leaves out the staging VM of that manifest digest."""
+    skip = digest_hex(besides) if besides else None
+    for manifest in (store.root / "staging").glob("*/manifest.json"):
+        if manifest.parent.name == skip:
+            continue
+        try:
+            yield parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name)
+        except (TartflowError, OSError):  # an unreadable staging manifest protects nothing
+            continue
+
+
+def staged_blobs(store: Store, *, besides: str | None = None) -> set[str]:
+    """Digests of every blob a staging VM (a pull in progress) still lists; ``besides``
+    leaves out the staging VM of that manifest digest."""
+    return {d.digest for image in staged_images(store, besides=besides) for d in image.blobs}
 
 
 @dataclass
 class _Slot:
     fd: int
     dirty: bool
-    mark_done: Callable[[], None]
+    write_done_marker: Callable[[], None]
     layer: DiskLayer
     done: bool = False
 
-    def finish(self) -> None:
-        """The layer is written and verified: make its bytes durable, then mark it done. Its
-        pages, all clean now, leave the page cache (pagecache.py)."""
+    def mark_done(self) -> None:
+        """The layer is written and verified: make its bytes durable, then write its done
+        marker, in that order, so a crash never leaves a done marker over bytes that were lost."""
         if not self.done:
-            _sync_data(self.fd)
-            pagecache.drop(self.fd, self.layer.offset, self.layer.uncompressed_size)
-            self.mark_done()
+            self._make_durable()
+            self.write_done_marker()
             self.done = True
+
+    def _make_durable(self) -> None:
+        """fdatasync the layer's bytes; its pages, all clean then, leave the page cache (pagecache.py)."""
+        _sync_data(self.fd)
+        pagecache.drop(self.fd, self.layer.offset, self.layer.uncompressed_size)
 
 
 class LayerFill:
-    """A disk layer being decoded while its blob downloads: feed ``decoder``; once the blob and
-    the decoded bytes are verified, ``finish()`` marks the layer done, durably, so the caller
-    may then drop the compressed bytes.
+    """A disk layer being decoded into the staging VM while its blob downloads.
 
-    A caller that keeps no compressed bytes calls ``checkpointed()`` first and then saves
-    checkpoints (checkpoint.py) as it goes; ``checkpointed()`` resumes the decoder from the
-    layer's last checkpoint when there is a usable one.
+    The download chooses once how the layer resumes: ``decoder()`` when it keeps the
+    compressed bytes on disk (a resume feeds them again from the start), or ``resume(blob)``
+    when it keeps none and saves checkpoints (checkpoint.py) instead. Once the blob and the
+    decoded bytes are verified, ``mark_done()`` makes the layer durable and marks it done, so
+    the caller may then drop the compressed bytes.
     """
 
     def __init__(self, layer: DiskLayer, slot: _Slot, checkpoint_paths: tuple[Path, Path]) -> None:
         self.layer, self._slot, self._paths = layer, slot, checkpoint_paths
         self._newest = 1  # the slot holding the newest checkpoint; the other is written next
-        self.decoder = LayerDecoder(layer, slot.fd, dirty=slot.dirty)
+        self._decoder: LayerDecoder | None = None
 
-    def checkpointed(self, blob: str) -> tuple[int, Sha256] | None:
-        """Make the decoder resumable and resume it from the layer's newest whole checkpoint
-        for ``blob`` (only over bytes an unfinished run left: a dirty layer). Returns the
-        compressed bytes that checkpoint received and their hash to go on with; None (and the
-        checkpoint dropped) when there is none this run can use."""
+    def decoder(self) -> LayerDecoder:
+        """A decoder from the layer's first byte (stale bytes of an unfinished run are cleared)."""
+        return self._chosen(LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty))
+
+    def resume(self, blob: str) -> tuple[LayerDecoder, int, Sha256]:
+        """A resumable decoder, resumed from the layer's newest whole checkpoint for ``blob``
+        when this run can use one (only over bytes an unfinished run left: a dirty layer), with
+        the compressed bytes that checkpoint received and their running hash; from the start
+        (0 bytes, a new hash, the checkpoints dropped) when not."""
         found = checkpoint.newest(self._paths, blob) if self._slot.dirty else None
         if found is not None:
             slot, saved = found
@@ -75,30 +105,37 @@ class LayerFill:
                 if saved.received > self.layer.blob.size:
                     raise ValueError("checkpoint past the end of the blob")
                 blob_hash = Sha256(saved.blob_hash)
-                self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True,
-                                            resume=saved.layer)
+                decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resume=saved.layer)
                 self._newest = slot
-                return saved.received, blob_hash
+                return self._chosen(decoder), saved.received, blob_hash
             except (ValueError, CorruptLayerError):  # a state this library cannot take, decoded
                 # bytes changed since, or pending input that does not decode (never verified)
-                self.drop_checkpoint()
-        self.decoder = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
-        return None
+                self.drop_checkpoints()
+        fresh = LayerDecoder(self.layer, self._slot.fd, dirty=self._slot.dirty, resumable=True)
+        return self._chosen(fresh), 0, Sha256()
+
+    def _chosen(self, decoder: LayerDecoder) -> LayerDecoder:
+        if self._decoder is not None:
+            raise RuntimeError("this layer's decoder was already chosen")
+        self._decoder = decoder
+        return decoder
 
     def save_checkpoint(self, blob: str, received: int, blob_hash: bytes) -> None:
         """Written over the older of the two slots, so a torn write leaves the newer one."""
+        assert self._decoder is not None, "save_checkpoint() needs the decoder from resume()"
         older = 1 - self._newest
-        checkpoint.save(self._paths[older], checkpoint.Checkpoint(blob, received, blob_hash, self.decoder.snapshot()))
+        checkpoint.save(self._paths[older], checkpoint.Checkpoint(blob, received, blob_hash, self._decoder.snapshot()))
         self._newest = older
 
-    def drop_checkpoint(self) -> None:
+    def drop_checkpoints(self) -> None:
         for path in self._paths:
             path.unlink(missing_ok=True)
 
-    def finish(self) -> None:
-        if not self.decoder.finished:
-            raise RuntimeError("layer decoder has not finished")
-        self._slot.finish()
+    def mark_done(self) -> None:
+        """Make the verified layer durable and mark it done (RuntimeError if not verified)."""
+        if self._decoder is None or not self._decoder.verified:
+            raise RuntimeError("layer decoder has not verified the layer")
+        self._slot.mark_done()
 
 
 class Staging:
@@ -171,7 +208,7 @@ class Staging:
     @contextmanager
     def decoding(self, index: int) -> Iterator[LayerFill | None]:
         """A fill of disk layer ``index`` to feed while its blob downloads (None if the layer is
-        done). The layer counts as done only once the fill's ``finish()`` was called."""
+        done). The layer counts as done only once the fill's ``mark_done()`` was called."""
         with self._filling(index) as slot:
             yield None if slot is None else LayerFill(self.image.disk_layers[index], slot, self._checkpoints(index))
 
@@ -179,14 +216,14 @@ class Staging:
         with self._filling(index) as slot:
             if slot is None:
                 return False
-            write(slot.fd, slot.dirty)
-            slot.finish()
+            write(slot.fd, slot.dirty)  # verifies the layer, or raises
+            slot.mark_done()
         return True
 
     @contextmanager
     def _filling(self, index: int) -> Iterator[_Slot | None]:
         """Hold layer ``index`` for writing: its lock, its dirty marker, an open ``disk.img``.
-        The holder calls the slot's ``finish()`` once the layer is verified; None if already done.
+        The holder calls the slot's ``mark_done()`` once the layer is verified; None if already done.
 
         A layer's bytes reach the disk (fdatasync) before its done marker is written, so a
         crash can never leave a done marker over bytes that were lost; it also spreads the
@@ -202,7 +239,7 @@ class Staging:
             was_dirty = dirty.exists()
             dirty.touch()
 
-            def mark_done() -> None:
+            def write_done_marker() -> None:
                 self._marker(index, "done").write_text(self.image.disk_layers[index].uncompressed_digest)
                 dirty.unlink()
                 for path in self._checkpoints(index):
@@ -210,7 +247,8 @@ class Staging:
 
             # Read-write even when clean: a restarted download turns the layer dirty, and clearing
             # stale bytes reads before it writes.
-            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty, mark_done, self.image.disk_layers[index])
+            slot = _Slot(os.open(self.dir / "disk.img", os.O_RDWR), was_dirty, write_done_marker,
+                         self.image.disk_layers[index])
             try:
                 yield slot
             finally:

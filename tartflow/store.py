@@ -17,12 +17,23 @@ would let two processes hold the same lock.
 
 Invariants: a file under ``blobs/`` is complete and verified; "already exists" is success; a
 partial is only ever appended to (or discarded after a digest mismatch) and survives any crash.
+The store knows blobs and manifests by digest only; what a staging VM needs is staging.py's.
+
+The contract of one download (``Store.ingest``), after containerd's content store: the holder
+of a blob's lock appends to its partial (``offset`` says how much is there, whatever a crash
+left), then ``commit(size, digest)``. Commit checks both against what it is moving (the size
+from the file itself, the digest from the caller's running hash of the bytes it appended, or
+by reading the partial back) and only then makes the partial durable and renames it into
+``blobs/``. A partial shorter than ``size`` is kept (a later run resumes it); one longer, or
+with another digest, is discarded (no resume can make it right). A blob that is already
+committed makes commit succeed at once, dropping the partial.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -31,16 +42,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import filelock
 
 from . import cancel
-from .errors import InsufficientSpaceError, StoreError, TartflowError
-from .manifest import TartImage, parse_manifest
+from .errors import DigestMismatchError, InsufficientSpaceError, StoreError
 from .reference import digest_hex
 
-__all__ = ["Store", "atomic_write", "fsync_dir", "is_locked", "translate_os_errors"]
+__all__ = ["Ingest", "Store", "atomic_write", "fsync_dir", "is_locked", "translate_os_errors"]
+
+_READ = 4 * 1024 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,23 +143,6 @@ class Store:
             atomic_write(path, raw)
         return path
 
-    def staged_images(self, *, besides: str | None = None) -> Iterator[TartImage]:
-        """The image of every staging VM (a pull in progress) whose manifest reads; ``besides``
-        leaves out the staging VM of that manifest digest."""
-        skip = digest_hex(besides) if besides else None
-        for manifest in (self.root / "staging").glob("*/manifest.json"):
-            if manifest.parent.name == skip:
-                continue
-            try:
-                yield parse_manifest(manifest.read_bytes(), "sha256:" + manifest.parent.name)
-            except (TartflowError, OSError):  # an unreadable staging manifest protects nothing
-                continue
-
-    def staged_blobs(self, *, besides: str | None = None) -> set[str]:
-        """Digests of every blob a staging VM (a pull in progress) still lists; ``besides``
-        leaves out the staging VM of that manifest digest."""
-        return {d.digest for image in self.staged_images(besides=besides) for d in image.blobs}
-
     def read_manifest(self, digest: str) -> bytes:
         try:
             return self.manifest_path(digest).read_bytes()
@@ -220,8 +215,14 @@ class Store:
         return is_locked(self.blob_lock(digest))
 
 
+class Hash(Protocol):
+    """A running SHA-256 (hashlib's, or sha256.Sha256)."""
+
+    def hexdigest(self) -> str: ...
+
+
 class Ingest:
-    """One locked download: append to ``data``, then commit (fsync, rename into ``blobs/``)."""
+    """One locked download: append to ``data``, then ``commit`` it into ``blobs/``."""
 
     def __init__(self, store: Store, digest: str, directory: Path) -> None:
         self.store = store
@@ -229,6 +230,7 @@ class Ingest:
         self.data = directory / "data"
 
     def offset(self) -> int:
+        """Bytes in the partial now (0 if there is none): where a resume goes on from."""
         try:
             return self.data.stat().st_size
         except FileNotFoundError:
@@ -240,11 +242,41 @@ class Ingest:
     def discard(self) -> None:
         self.data.unlink(missing_ok=True)
 
-    def commit(self) -> Path:
-        """Move the verified partial into ``blobs/``; the caller checked size and digest."""
-        target = self.store.blob_path(self.digest)
+    def commit(self, size: int, digest: str, *, running_hash: Hash | None = None) -> Path:
+        """Check the partial against ``size`` and ``digest``, then make it durable and move it
+        into ``blobs/``; returns the committed path.
+
+        ``running_hash`` is the caller's SHA-256 of every byte it appended (saves reading the
+        partial back); without it the partial is hashed from disk. Either way the digest is
+        compared here. A mismatch raises DigestMismatchError with nothing at the final path: a
+        short partial stays for a resume, a long or wrong one is discarded. A blob already
+        committed is success.
+        """
+        if digest != self.digest:
+            raise StoreError(f"commit of {digest} into the download of {self.digest}")
+        target = self.store.blob_path(digest)
+        if self.store.has_blob(digest, size):
+            self.discard()
+            return target
         with open(self.data, "rb+") as f:
+            have = os.fstat(f.fileno()).st_size
+            if have != size:
+                if have > size:
+                    self.discard()
+                raise DigestMismatchError(f"blob {digest[:19]}: {have} bytes received, the descriptor says {size}")
+            actual = "sha256:" + (running_hash.hexdigest() if running_hash is not None else _sha256_of(f))
+            if actual != digest:
+                self.discard()
+                raise DigestMismatchError(f"blob {digest[:19]}: sha256 of the bytes received differs")
             os.fsync(f.fileno())
         os.replace(self.data, target)
         fsync_dir(target.parent)
         return target
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    hasher = hashlib.sha256()
+    f.seek(0)
+    while chunk := f.read(_READ):
+        hasher.update(chunk)
+    return hasher.hexdigest()

@@ -30,7 +30,7 @@ __all__ = ["assemble_vm", "fetch_layer", "fetch_manifest", "is_temporary", "veri
 def is_temporary(task: Any, task_run: Any, state: Any) -> bool:
     """retry_condition_fn: retry only errors that say they are temporary and not exhausted."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, TartflowError) and exc.temporary and not getattr(exc, "exhausted", False)
+    return isinstance(exc, TartflowError) and exc.temporary and not exc.exhausted
 
 
 def _settings(settings: dict[str, Any]) -> core.PullSettings:

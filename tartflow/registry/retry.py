@@ -4,6 +4,7 @@ Egress limits on a blob CDN last minutes, so a pull keeps trying for ``retry_for
 (default 30 minutes). Waits honour Retry-After; otherwise exponential backoff with full jitter
 (https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/), capped. An attempt
 that made progress resets the backoff: a stream cut after 5 GB is not a reason to wait long.
+When the time is up, RetriesExhaustedError is raised, chained to the last failure.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .. import cancel
-from ..errors import TartflowError
+from ..errors import RegistryError, RetriesExhaustedError, TartflowError
 
 __all__ = ["RetryPolicy", "retrying"]
 
@@ -48,9 +49,10 @@ def retrying(
 ) -> T:
     """Call ``attempt_fn`` until it returns or raises a permanent error.
 
-    On a temporary TartflowError it is called again after a wait; an error with a true
-    ``progressed`` attribute (bytes arrived before it) resets the backoff. The wait is
-    interruptible (SIGINT/SIGTERM raise InterruptedPull).
+    On a temporary TartflowError it is called again after a wait; one that ``progressed``
+    (bytes arrived before it) resets the backoff. A temporary error that would outlast
+    ``policy.retry_for`` ends it with RetriesExhaustedError (the cause's message and what to
+    do), chained to it. The wait is interruptible (SIGINT/SIGTERM raise InterruptedPull).
     """
     deadline = time.monotonic() + policy.retry_for
     attempt = 0
@@ -59,15 +61,15 @@ def retrying(
         try:
             return attempt_fn()
         except TartflowError as exc:
-            if not exc.temporary:
+            if not exc.temporary or exc.exhausted:
                 raise
-            progressed = getattr(exc, "progressed", False)
-            attempt = 0 if progressed else attempt + 1
-            wait = policy.delay(attempt, getattr(exc, "retry_after", None))
+            attempt = 0 if exc.progressed else attempt + 1
+            wait = policy.delay(attempt, exc.retry_after if isinstance(exc, RegistryError) else None)
             if time.monotonic() + wait > deadline:
-                exc.exhausted = True  # type: ignore[attr-defined]
-                exc.message = f"{exc.message} (gave up after retrying for {policy.retry_for / 60:g} min; run the same command again to continue)"
-                raise
+                raise RetriesExhaustedError(
+                    f"{exc.message} (gave up after retrying for {policy.retry_for / 60:g} min; "
+                    "run the same command again to continue)"
+                ) from exc
             if on_wait:
                 on_wait(exc, wait)
             cancel.sleep(wait)
