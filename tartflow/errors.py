@@ -81,9 +81,10 @@ class RegistryError(TartflowError):
         url: str = "",
         temporary: bool = False,
         progressed: bool = False,
+        exhausted: bool = False,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, temporary=temporary, progressed=progressed)
+        super().__init__(message, temporary=temporary, progressed=progressed, exhausted=exhausted)
         self.status = status
         self.codes = codes
         self.method = method
@@ -93,7 +94,8 @@ class RegistryError(TartflowError):
     def with_progress(self, progressed: bool) -> RegistryError:
         """The same failure, saying whether bytes arrived before it (raise it ``from`` this one)."""
         return RegistryError(self.message, status=self.status, codes=self.codes, method=self.method, url=self.url,
-                             temporary=self.temporary, progressed=progressed, retry_after=self.retry_after)
+                             temporary=self.temporary, progressed=progressed, exhausted=self.exhausted,
+                             retry_after=self.retry_after)
 
 
 class ImageFormatError(TartflowError):
