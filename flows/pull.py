@@ -39,6 +39,9 @@ __all__ = ["EGRESS_LIMIT", "pull_image"]
 _POOL = 32
 #: The Prefect global concurrency limit that bounds layer downloads across a fleet.
 EGRESS_LIMIT = "tartflow-egress"
+#: The steps run afresh, overwriting their cache record: for outputs that are not on disk.
+_fetch_afresh = fetch_layer.with_options(refresh_cache=True)
+_verify_afresh = verify_digest.with_options(refresh_cache=True)
 
 
 @flow(name="pull-image", task_runner=ThreadPoolTaskRunner(max_workers=_POOL), log_prints=False)  # type: ignore[arg-type]
@@ -93,7 +96,7 @@ def _fetch_and_verify(
     while pending or fetching:
         while pending and len(fetching) < concurrency:
             digest = pending.pop(0)
-            fetch = fetch_layer if outputs.fetched(digest) else fetch_layer.with_options(refresh_cache=True)
+            fetch = fetch_layer if outputs.fetched(digest) else _fetch_afresh
             future = fetch.submit(settings, reference, manifest_digest, digest, egress_limit)
             assert isinstance(future, PrefectConcurrentFuture)  # the thread-pool runner's futures
             fetching[future.wrapped_future] = (digest, future)
@@ -108,7 +111,7 @@ def _fetch_and_verify(
             # A layer decoded on the way in was verified by its fetch, unless that was a cached
             # claim whose staging VM has gone since.
             if not (fetched.verified and outputs.verified(digest)):
-                verify = verify_digest if outputs.verified(digest) else verify_digest.with_options(refresh_cache=True)
+                verify = verify_digest if outputs.verified(digest) else _verify_afresh
                 verifying.append(verify.submit(settings, reference, manifest_digest, digest, fetched))
     for pending_verify in verifying:
         pending_verify.result()
