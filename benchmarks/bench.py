@@ -483,7 +483,9 @@ class Bench:
         self.pythonpath: str | None = None
         if args.rev:
             self.pythonpath = str(self.snapshot(args.rev))
-            self.tartflow = [sys.executable, "-m", "tartflow.cli"]
+            # The command moved from tartflow/cli.py to flows/cli.py; older revisions have the former.
+            cli = "flows.cli" if (Path(self.pythonpath) / "flows" / "cli.py").exists() else "tartflow.cli"
+            self.tartflow = [sys.executable, "-m", cli]
         else:
             self.tartflow = [script]
         self.logs = self.run_dir / "logs"
@@ -517,7 +519,7 @@ class Bench:
         git = ["git", "-C", str(REPO_ROOT)]
         if self.args.rev:
             return (f"committed code of {self.args.rev} = {self.commit[:12]}, "
-                    "via PYTHONPATH=<git archive snapshot> python -m tartflow.cli")
+                    f"via PYTHONPATH=<git archive snapshot> python -m {self.tartflow[-1]}")
         head = _first_line([*git, "rev-parse", "--short", "HEAD"])
         dirty = subprocess.run([*git, "status", "--porcelain", "--", "tartflow", "flows", "tasks"],
                                capture_output=True, text=True, check=False).stdout.splitlines()

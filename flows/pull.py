@@ -7,8 +7,10 @@ config, the NVRAM, a blob several disk layers share, a blob found in the store. 
 decoded as it downloads is checked against both digests by its fetch-layer run, and a task run
 that would do nothing costs the Prefect server more than the check itself.
 
-Restarting the flow after any failure skips every finished step through the tasks' content
-keyed caches and resumes a half-fetched blob where it stopped.
+Restarting the flow after any failure submits every blob again: a fetch-layer or verify-digest
+whose output is still on disk comes back ``Cached`` from Prefect's content-keyed cache (see
+tasks/pull.py); one whose output has gone (blob collected, staging VM deleted) is submitted
+with ``refresh_cache=True`` and runs, resuming a half-fetched blob where it stopped.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import Concurrency, Mirrors, RetryFor
-
-from tartflow.progress import reporter
 from flows.secrets import use_secret_block
-from tartflow.pull import PullSettings
+from tartflow import pull as core
+from tartflow.fetch import FetchResult
+from tartflow.progress import reporter
+from tartflow.pull import PullContext, PullSettings, ResolvedImage
 from tartflow.reference import parse_reference
 from tasks.pull import assemble_vm, fetch_layer, fetch_manifest, verify_digest
 
@@ -36,6 +39,9 @@ __all__ = ["EGRESS_LIMIT", "pull_image"]
 _POOL = 32
 #: The Prefect global concurrency limit that bounds layer downloads across a fleet.
 EGRESS_LIMIT = "tartflow-egress"
+#: The steps run afresh, overwriting their cache record: for outputs that are not on disk.
+_fetch_afresh = fetch_layer.with_options(refresh_cache=True)
+_verify_afresh = verify_digest.with_options(refresh_cache=True)
 
 
 @flow(name="pull-image", task_runner=ThreadPoolTaskRunner(max_workers=_POOL), log_prints=False)  # type: ignore[arg-type]
@@ -65,63 +71,74 @@ def pull_image(
     started = time.monotonic()
     if credentials_block:
         use_secret_block(credentials_block, parse_reference(reference).host)
-    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors).__dict__
+    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors)
     resolved = fetch_manifest(settings, reference)
-    digest = resolved["manifest_digest"]
-    results: list[dict[str, Any]] = []
-    if not resolved["installed"]:
-        reporter().plan(resolved["compressed_size"], resolved["layers_pending"])
+    results: list[tuple[FetchResult, bool]] = []
+    if not resolved.installed:
+        reporter().plan(resolved.compressed_size, resolved.layers_pending)
         results = _fetch_and_verify(settings, resolved, concurrency, egress_limit or None)
-    path = assemble_vm(settings, resolved["reference"], digest)
+    path = assemble_vm(settings, resolved.reference, resolved.manifest_digest)
     _publish(resolved, results, time.monotonic() - started)
     return path
 
 
 def _fetch_and_verify(
-    settings: dict[str, Any], resolved: dict[str, Any], concurrency: int, egress_limit: str | None
-) -> list[dict[str, Any]]:
-    reference, manifest_digest = resolved["reference"], resolved["manifest_digest"]
-    pending = list(resolved["blobs"])
-    fetching: dict[concurrent.futures.Future[Any], tuple[str, PrefectFuture[Any]]] = {}
-    verifying: list[PrefectFuture[Any]] = []
-    results: list[dict[str, Any]] = []
+    settings: PullSettings, resolved: ResolvedImage, concurrency: int, egress_limit: str | None
+) -> list[tuple[FetchResult, bool]]:
+    """Fetch (and where needed verify) every blob; returns each fetch's result and whether it
+    came from Prefect's cache."""
+    reference, manifest_digest = resolved.reference, resolved.manifest_digest
+    outputs = core.outputs(PullContext.build(settings), manifest_digest)
+    pending = list(resolved.blobs)
+    fetching: dict[concurrent.futures.Future[Any], tuple[str, PrefectConcurrentFuture[FetchResult]]] = {}
+    verifying: list[PrefectFuture[int]] = []
+    results: list[tuple[FetchResult, bool]] = []
     while pending or fetching:
         while pending and len(fetching) < concurrency:
             digest = pending.pop(0)
-            future = fetch_layer.submit(settings, reference, manifest_digest, digest, egress_limit)
+            fetch = fetch_layer if outputs.fetched(digest) else _fetch_afresh
+            future = fetch.submit(settings, reference, manifest_digest, digest, egress_limit)
             assert isinstance(future, PrefectConcurrentFuture)  # the thread-pool runner's futures
             fetching[future.wrapped_future] = (digest, future)
         done, _ = concurrent.futures.wait(list(fetching), return_when=concurrent.futures.FIRST_COMPLETED)
         for wrapped in done:
             digest, future = fetching.pop(wrapped)
             fetched = future.result()  # raises the task's error: the flow fails with it
-            results.append(fetched)
-            if not fetched.get("verified"):  # a layer decoded on the way in was verified by its fetch
-                verifying.append(verify_digest.submit(settings, reference, manifest_digest, digest, fetched))
-    for future in verifying:
-        future.result()
+            cached = future.state.name == "Cached"  # final once result() returned: no API call
+            if cached:  # the core did not run, so it reported nothing of this blob
+                reporter().skip(fetched.size)
+            results.append((fetched, cached))
+            # A layer decoded on the way in was verified by its fetch, unless that was a cached
+            # claim whose staging VM has gone since.
+            if not (fetched.verified and outputs.verified(digest)):
+                verify = verify_digest if outputs.verified(digest) else _verify_afresh
+                verifying.append(verify.submit(settings, reference, manifest_digest, digest, fetched))
+    for pending_verify in verifying:
+        pending_verify.result()
     return results
 
 
-def _publish(resolved: dict[str, Any], results: list[dict[str, Any]], seconds: float) -> None:
-    """A table artifact: per blob, bytes fetched, reused from Tart's cache, already on disk."""
+def _publish(resolved: ResolvedImage, results: list[tuple[FetchResult, bool]], seconds: float) -> None:
+    """A table artifact: per blob, bytes fetched, reused from Tart's cache, already on disk
+    (a result from Prefect's cache moved nothing in this run)."""
     rows = [
         {
-            "blob": r["digest"][:19],
-            "size MB": round(r["size"] / 1e6, 2),
-            "fetched MB": round(r["fetched"] / 1e6, 2),
-            "reused MB": round(r["reused"] / 1e6, 2),
-            "already on disk MB": round(r["resumed_from"] / 1e6, 2),
-            "seconds": round(r["seconds"], 2),
-            "MB/s": round(r["fetched"] / 1e6 / r["seconds"], 1) if r["seconds"] > 0 else None,
+            "blob": r.digest[:19],
+            "size MB": round(r.size / 1e6, 2),
+            "fetched MB": 0.0 if cached else round(r.fetched / 1e6, 2),
+            "reused MB": 0.0 if cached else round(r.reused / 1e6, 2),
+            "already on disk MB": round((r.size if cached else r.resumed_from) / 1e6, 2),
+            "seconds": 0.0 if cached else round(r.seconds, 2),
+            "MB/s": round(r.fetched / 1e6 / r.seconds, 1) if r.seconds > 0 and not cached else None,
+            "cached": cached,
         }
-        for r in results
+        for r, cached in results
     ]
-    fetched = sum(r["fetched"] for r in results)
+    fetched = sum(r.fetched for r, cached in results if not cached)
     summary = (
-        f"**{resolved['reference']}** ({resolved['manifest_digest'][:19]}): "
-        + ("already current in Tart's cache, nothing fetched" if resolved["installed"] else
-           f"{fetched / 1e6:.1f} MB fetched of {resolved['compressed_size'] / 1e6:.1f} MB "
+        f"**{resolved.reference}** ({resolved.manifest_digest[:19]}): "
+        + ("already current in Tart's cache, nothing fetched" if resolved.installed else
+           f"{fetched / 1e6:.1f} MB fetched of {resolved.compressed_size / 1e6:.1f} MB "
            f"in {seconds:.1f} s ({fetched / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
     )
     create_table_artifact(table=rows, key="tartflow-pull", description=summary)

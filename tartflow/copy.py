@@ -23,7 +23,7 @@ from . import cancel
 from .errors import DigestMismatchError, ImageFormatError, RegistryError
 from .manifest import OCI_INDEX, DOCKER_LIST, Descriptor, media_type_of, parse_manifest
 from .progress import reporter
-from .pull import PullSettings
+from .context import PullContext
 from .reference import digest_hex, parse_reference
 from .registry import push
 from .registry.client import RegistryClient
@@ -45,18 +45,18 @@ class CopyReport:
     skipped: list[str] = field(default_factory=list)  # blobs the destination already had
 
 
-def copy_image(settings: PullSettings, source: str, destination: str) -> CopyReport:
+def copy_image(ctx: PullContext, source: str, destination: str) -> CopyReport:
     src, dst = parse_reference(source), parse_reference(destination)
-    src_client, dst_client = settings.client(src), settings.client(dst)
+    src_client, dst_client = ctx.client(src), ctx.client(dst)
     if not isinstance(dst_client, RegistryClient):
         raise ImageFormatError("copy does not push through mirrors; unset TARTFLOW_MIRRORS for the destination")
-    got = retrying(lambda: src_client.get_manifest(src.repository, src.reference), settings.policy())
+    got = retrying(lambda: src_client.get_manifest(src.repository, src.reference), ctx.policy)
     if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
         raise ImageFormatError(f"{source} is an image index; copy the Tart manifest it lists by digest")
     image = parse_manifest(got.raw, got.digest)
     stub = Descriptor.model_validate(json.loads(got.raw)["config"])
     report = CopyReport(got.digest)
-    sessions = settings.open_store().root / "uploads"
+    sessions = ctx.store.root / "uploads"
     sessions.mkdir(exist_ok=True)
     reporter().plan(image.compressed_size + stub.size, len(image.blobs) + 1)
     for desc in (stub, *image.blobs):
@@ -65,7 +65,7 @@ def copy_image(settings: PullSettings, source: str, destination: str) -> CopyRep
             reporter().skip(desc.size)
             continue
         upload = _Upload(src_client, src.repository, dst_client, dst.repository, desc, sessions)
-        retrying(upload.attempt, settings.policy())
+        retrying(upload.attempt, ctx.policy)
         report.copied += upload.sent
     media_type = media_type_of(got.raw, got.media_type)
     pushed = push.put_manifest(dst_client, dst.repository, dst.reference, got.raw, media_type)

@@ -1,5 +1,6 @@
-"""The steps of a pull, each one function over small serialisable values (references, digests,
-paths), so that Prefect tasks can be thin wrappers and a restarted flow can skip any of them.
+"""The steps of a pull, each one function of a ``PullContext`` (context.py) and small
+serialisable values (references, digests, paths), so that Prefect tasks can be thin wrappers
+and a restarted flow can skip any of them.
 
 1. ``resolve``: fetch the manifest (an index resolves to its darwin/arm64 manifest), validate
    it as a Tart VM, keep its bytes in the store, check space, prepare the staging VM.
@@ -11,19 +12,19 @@ paths), so that Prefect tasks can be thin wrappers and a restarted flow can skip
    way in), and place config/NVRAM; nothing unverified is ever assembled. A disk layer's
    blob is then dropped from the store (its decoded bytes are what is kept).
 4. ``assemble``: move the staging VM into Tart's cache and point the tag at it.
+
+``outputs`` answers whether what steps 2 and 3 made for a blob is still on disk (a flow asks
+before it lets an earlier run's result of theirs count).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
+from dataclasses import dataclass, field
 
-from . import credentials
+from .context import Landing, PullContext, PullSettings, store_root
 from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
@@ -37,155 +38,120 @@ from .manifest import (
 )
 from .progress import reporter
 from .reference import Reference, parse_reference
-from .registry.client import ClientSettings, client_for
-from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
-from .registry.retry import RetryPolicy, retrying
+from .registry.retry import retrying
 from .reuse import reuse_local
 from .staging import Staging, staged_blobs
 from .store import Store, translate_os_errors
-from .tartcache import TartCache, tart_home
 
 __all__ = [
+    "Landing",
+    "Outputs",
+    "PullContext",
     "PullSettings",
     "ResolvedImage",
     "assemble",
     "fetch",
+    "outputs",
     "resolve",
-    "staged_evidence",
     "store_root",
     "verify",
 ]
 
-#: Headroom kept free beyond what the pull needs, so the machine stays usable.
-SPACE_MARGIN = 1024**3
-
-
-def store_root(home: Path | None = None) -> Path:
-    """``$TARTFLOW_HOME``, else ``$TART_HOME/tartflow`` (same file system as Tart's cache)."""
-    env = os.environ.get("TARTFLOW_HOME")
-    return Path(os.path.abspath(env)) if env else (home or tart_home()) / "tartflow"
-
-
-@dataclass(frozen=True)
-class PullSettings:
-    """How to pull; serialisable so it can travel as a Prefect parameter.
-
-    ``retry_for``: seconds to keep retrying temporary failures (egress limits last minutes).
-    ``tart_home``/``store``: default from ``$TART_HOME`` and ``$TARTFLOW_HOME`` at run time.
-    ``read_timeout``: seconds a stream may stay silent before it counts as stalled.
-    """
-
-    insecure: bool = False
-    retry_for: float = 30 * 60
-    read_timeout: float = 60.0
-    tart_home: str | None = None
-    store: str | None = None
-    check_space: bool = True
-    space_margin: float = SPACE_MARGIN
-    mirrors: dict[str, list[str]] | None = None
-
-    @classmethod
-    def from_env(cls, **values: object) -> PullSettings:
-        """Settings with ``read_timeout`` from ``$TARTFLOW_READ_TIMEOUT`` (seconds) and
-        ``space_margin`` from ``$TARTFLOW_SPACE_MARGIN`` (bytes) when set."""
-        for env, name in (("TARTFLOW_READ_TIMEOUT", "read_timeout"), ("TARTFLOW_SPACE_MARGIN", "space_margin")):
-            if os.environ.get(env):
-                values.setdefault(name, float(os.environ[env]))
-        if not values.get("mirrors"):
-            values["mirrors"] = parse_mirrors(os.environ.get("TARTFLOW_MIRRORS")) or None
-        return cls(**values)  # type: ignore[arg-type]
-
-    def cache(self) -> TartCache:
-        return TartCache(Path(self.tart_home) if self.tart_home else None)
-
-    def open_store(self) -> Store:
-        return Store(Path(self.store) if self.store else store_root(self.cache().home))
-
-    def client(self, ref: Reference) -> BlobSource:
-        """The registry of ``ref``, behind its mirrors when any are configured."""
-        settings = ClientSettings(insecure=self.insecure, read_timeout=self.read_timeout)
-        registry = client_for(ref.host, settings, credentials.lookup)
-        urls = parse_mirrors(self.mirrors).get(ref.host)
-        if not urls:
-            return registry
-        mirrors = [(url, client_for(urlsplit(url).netloc, settings, credentials.lookup, base_url=url)) for url in urls]
-        return MirroredSource(mirrors, registry)
-
-    def policy(self) -> RetryPolicy:
-        return RetryPolicy(retry_for=self.retry_for)
-
 
 @dataclass(frozen=True)
 class ResolvedImage:
+    """What ``resolve`` found; small and serialisable (a Prefect task result, as itself)."""
+
     reference: str  # as the user gave it, normalised (host/ns:tag or host/ns@digest)
     manifest_digest: str
     installed: bool  # the digest directory already holds this VM: no blob needs fetching
-    blobs: list[str] = field(default_factory=list)  # digests still worth fetching
+    # Every blob of the VM (config, disk layers, NVRAM) in manifest order, empty when installed:
+    # the flow submits each, so what an earlier run finished comes back from Prefect's cache.
+    blobs: list[str] = field(default_factory=list)
     compressed_size: int = 0
     disk_size: int = 0
     layers_pending: int = 0  # disk layers still to verify into the staging VM
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 @translate_os_errors
-def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
+def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
     ref = parse_reference(reference)
-    client, policy = settings.client(ref), settings.policy()
-    got = retrying(lambda: client.get_manifest(ref.repository, ref.reference), policy)
+    client = ctx.client(ref)
+    got = retrying(lambda: client.get_manifest(ref.repository, ref.reference), ctx.policy)
     if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
         chosen = pick_from_index(got.raw)
-        got = retrying(lambda: client.get_manifest(ref.repository, chosen.digest), policy)
+        got = retrying(lambda: client.get_manifest(ref.repository, chosen.digest), ctx.policy)
         if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
             raise ImageFormatError(f"{ref}: an image index points to another index; not a Tart VM image")
     image = parse_manifest(got.raw, got.digest)
-    store = settings.open_store()
-    store.put_manifest(got.digest, got.raw)
-    installed = _installed(settings, ref, got.digest)
+    ctx.store.put_manifest(got.digest, got.raw)
+    installed = _installed(ctx, ref, got.digest)
     blobs: list[str] = []
     layers_pending = 0
     if not installed:
-        staging = Staging(store, image)
-        blobs = [d.digest for d in image.blobs if not staging.is_verified(d.digest)]
+        staging = Staging(ctx.store, image)
+        blobs = [d.digest for d in image.blobs]
+        pending = [d for d in blobs if not staging.is_verified(d)]
         layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
-        if settings.check_space:
-            _check_space(store, staging, image, blobs, settings.space_margin)
+        if ctx.settings.check_space:
+            _check_space(ctx.store, staging, image, pending, ctx.settings.space_margin)
         staging.prepare(got.raw)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
                          layers_pending)
 
 
-def load_image(settings: PullSettings, manifest_digest: str) -> tuple[Store, TartImage]:
-    store = settings.open_store()
-    return store, parse_manifest(store.read_manifest(manifest_digest), manifest_digest)
+def load_image(store: Store, manifest_digest: str) -> TartImage:
+    return parse_manifest(store.read_manifest(manifest_digest), manifest_digest)
 
 
-def _installed(settings: PullSettings, ref: Reference, manifest_digest: str) -> bool:
+def _installed(ctx: PullContext, ref: Reference, manifest_digest: str) -> bool:
     """True once any pull (another process, another flow run) has installed this VM: the
     remaining steps have nothing left to do, and its blobs may already be gone."""
-    cache = settings.cache()
-    return cache.is_vm(cache.digest_dir(ref, manifest_digest))
+    return ctx.cache.is_vm(ctx.cache.digest_dir(ref, manifest_digest))
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Whether what the fetch and verify steps produced for an image is still on disk: the
+    question a flow asks before it lets a cached result of theirs count as done."""
+
+    store: Store
+    staging: Staging
+    sizes: dict[str, int]
+
+    def fetched(self, digest: str) -> bool:
+        """The blob is committed in the store, or verified into the staging VM."""
+        return self.store.has_blob(digest, self.sizes[digest]) or self.staging.is_verified(digest)
+
+    def verified(self, digest: str) -> bool:
+        """Everything the blob provides is verified into the staging VM."""
+        return self.staging.is_verified(digest)
+
+
+@translate_os_errors
+def outputs(ctx: PullContext, manifest_digest: str) -> Outputs:
+    image = load_image(ctx.store, manifest_digest)
+    return Outputs(ctx.store, Staging(ctx.store, image), {d.digest: d.size for d in image.blobs})
 
 
 @translate_os_errors
 def fetch(
-    settings: PullSettings, reference: str, manifest_digest: str, digest: str,
+    ctx: PullContext, reference: str, manifest_digest: str, digest: str,
     gate: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> FetchResult:
     """Obtain blob ``digest``: from the store, from a VM in Tart's cache, or over the network.
 
     ``gate`` is entered around network transfers only (a fleet-wide egress limit, say).
     """
-    store, image = load_image(settings, manifest_digest)
+    image = load_image(ctx.store, manifest_digest)
     desc = next(d for d in image.blobs if d.digest == digest)
     ref = parse_reference(reference)
     try:
-        if not _installed(settings, ref, manifest_digest):
-            return _fetch(settings, ref, store, image, desc, gate)
+        if not _installed(ctx, ref, manifest_digest):
+            return _fetch(ctx, ref, image, desc, gate)
     except StoreError:
         # Another pull of this image installed it meanwhile, taking the staging VM with it.
-        if not _installed(settings, ref, manifest_digest):
+        if not _installed(ctx, ref, manifest_digest):
             raise
     return _done_elsewhere(desc)
 
@@ -197,19 +163,21 @@ def _done_elsewhere(desc: Descriptor) -> FetchResult:
 
 
 def _fetch(
-    settings: PullSettings, ref: Reference, store: Store, image: TartImage, desc: Descriptor,
+    ctx: PullContext, ref: Reference, image: TartImage, desc: Descriptor,
     gate: Callable[[], AbstractContextManager[object]],
 ) -> FetchResult:
-    digest = desc.digest
+    digest, store = desc.digest, ctx.store
+    if Staging(store, image).is_verified(digest):  # by an earlier run whose result Prefect did not keep
+        return _done_elsewhere(desc)
     stored = store.has_blob(digest, desc.size)
     if not stored and store.wait_for_ingest(digest, on_wait=lambda holder: waiting_note(desc, holder)):
         # A pull of another image sharing this blob is fetching it; it keeps no compressed
         # bytes when it decodes them on the way in, but its verified layer can be copied.
         stored = store.has_blob(digest, desc.size)
-    if not stored and reuse_local(settings.cache(), Staging(store, image), digest):
+    if not stored and reuse_local(ctx.cache, Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size, verified=True)
-    client, policy = settings.client(ref), settings.policy()
+    client, policy = ctx.client(ref), ctx.policy
     if stored:
         return fetch_blob(store, client, ref.repository, desc, policy)
     # A disk layer made of this blob alone is decoded as it downloads; a blob several layers
@@ -229,14 +197,15 @@ def _fetch(
 
 
 @translate_os_errors
-def verify(settings: PullSettings, reference: str, manifest_digest: str, digest: str) -> int:
+def verify(ctx: PullContext, reference: str, manifest_digest: str, digest: str) -> int:
     """Decode (disk) or place (config, NVRAM) blob ``digest`` in the staging VM, verified.
 
     Returns the number of decoded bytes written by this call (0 when already done).
     """
-    if _installed(settings, parse_reference(reference), manifest_digest):
+    if _installed(ctx, parse_reference(reference), manifest_digest):
         return 0
-    store, image = load_image(settings, manifest_digest)
+    store = ctx.store
+    image = load_image(store, manifest_digest)
     staging = Staging(store, image)
     if staging.is_verified(digest):  # taken from Tart's cache, or done by an earlier run
         return 0
@@ -250,7 +219,7 @@ def verify(settings: PullSettings, reference: str, manifest_digest: str, digest:
             if layer.blob.digest == digest and staging.decode(index, blob):
                 written += layer.uncompressed_size
     except StoreError:
-        if _installed(settings, parse_reference(reference), manifest_digest):
+        if _installed(ctx, parse_reference(reference), manifest_digest):
             return written  # another pull installed this VM meanwhile: nothing left to do here
         raise
     except CorruptLayerError as exc:
@@ -264,14 +233,14 @@ def verify(settings: PullSettings, reference: str, manifest_digest: str, digest:
 
 
 @translate_os_errors
-def assemble(settings: PullSettings, reference: str, manifest_digest: str) -> str:
+def assemble(ctx: PullContext, reference: str, manifest_digest: str) -> str:
     """Install the verified VM into Tart's cache; returns its digest directory."""
     ref = parse_reference(reference)
-    cache = settings.cache()
+    cache, store = ctx.cache, ctx.store
     target = cache.digest_dir(ref, manifest_digest)
     if cache.is_vm(target):
         return str(cache.install(ref, manifest_digest))
-    store, image = load_image(settings, manifest_digest)
+    image = load_image(store, manifest_digest)
     staging = Staging(store, image)
     with staging.locked():
         if not cache.is_vm(target):
@@ -283,13 +252,6 @@ def assemble(settings: PullSettings, reference: str, manifest_digest: str) -> st
     staging.discard_state()
     _release_blobs(store, image)
     return str(target)
-
-
-def staged_evidence(settings: PullSettings, manifest_digest: str, digest: str) -> list[Path] | None:
-    """The files proving ``digest`` is verified into the staging VM, or None if it is not."""
-    store, image = load_image(settings, manifest_digest)
-    staging = Staging(store, image)
-    return staging.evidence(digest) if staging.is_verified(digest) else None
 
 
 def _check_space(store: Store, staging: Staging, image: TartImage, pending: list[str], margin: float) -> None:

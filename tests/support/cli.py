@@ -14,7 +14,7 @@ __all__ = ["Tartflow", "command"]
 
 def command() -> list[str]:
     script = Path(sys.executable).with_name("tartflow")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "tartflow.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
 
 
 @dataclass

@@ -1,27 +1,32 @@
-"""The ``tartflow`` command: a thin layer over the core and the ``pull-image`` flow.
+"""The ``tartflow`` command: a thin layer above the core and the ``pull-image`` flow.
+
+It lives with the flows because ``pull`` runs one; ``list``, ``gc`` and ``copy`` call core
+functions (``TartCache.list``, ``tartflow.gc.collect``, ``tartflow.copy.copy_image``) and run
+without Prefect.
 
 Exit codes: 0 done; 2 usage error (with the usage line); 130 interrupted (SIGINT/SIGTERM);
 1 any other failure. Every error is one line on stderr; a traceback only with ``--verbose``
-and only for what is not an expected failure. Prefect is imported only when a flow runs, so
-``tartflow list`` and usage errors answer at once.
+and only for what is not an expected failure. Prefect is imported only when a flow runs
+(``flows.run`` imports it inside ``run_pull``), so ``tartflow list`` and usage errors answer
+at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 
-from . import cancel
-from .errors import InterruptedPull, TartflowError, UsageError
-from .progress import LogReporter, set_reporter
-from .reference import parse_reference
-from .registry.mirrors import parse_mirrors
-from .tartcache import TartCache
+from flows.run import run_pull
+from tartflow import cancel
+from tartflow.errors import InterruptedPull, TartflowError, UsageError
+from tartflow.progress import LogReporter, set_reporter
+from tartflow.reference import parse_reference
+from tartflow.registry.mirrors import parse_mirrors
+from tartflow.tartcache import TartCache
 
 __all__ = ["main"]
 
@@ -104,14 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _pull(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     live = sys.stderr.isatty() and not args.verbose
-    render = importlib.import_module("tartflow.render")
+    from tartflow import render  # rich, only for a pull
+
     view = render.LiveReporter(sys.stderr) if live else LogReporter(interval=5.0, emit=_print_line)
     old = set_reporter(view)
     started = time.monotonic()
     try:
         with render.showing(view):
-            runner = importlib.import_module("flows.run")
-            path = runner.run_pull(
+            path = run_pull(
                 args.reference, insecure=args.insecure, concurrency=args.concurrency,
                 retry_for=args.retry_for, verbose=args.verbose, egress_limit=args.egress_limit,
                 credentials_block=args.credentials_block,
@@ -137,14 +142,14 @@ def _pull(args: argparse.Namespace) -> int:
 
 
 def _copy(args: argparse.Namespace) -> int:
-    from .copy import copy_image
-    from .pull import PullSettings
+    from tartflow.context import PullContext, PullSettings
+    from tartflow.copy import copy_image
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     old = set_reporter(LogReporter(interval=5.0, emit=_print_line))
     try:
         settings = PullSettings.from_env(insecure=args.insecure, retry_for=args.retry_for)
-        report = copy_image(settings, args.source, args.destination)
+        report = copy_image(PullContext.build(settings), args.source, args.destination)
     finally:
         set_reporter(old)
         for sig, handler in previous.items():
@@ -174,10 +179,10 @@ def _list() -> int:
 
 
 def _gc(older_than: float) -> int:
-    from .gc import collect
-    from .pull import PullSettings
+    from tartflow.context import PullContext, PullSettings
+    from tartflow.gc import collect
 
-    report = collect(PullSettings().open_store(), older_than)
+    report = collect(PullContext.build(PullSettings()).store, older_than)
     for label in report.removed:
         print(f"removed {label}")
     for label in report.kept_locked:
