@@ -65,7 +65,8 @@ def pull_image(
     started = time.monotonic()
     if credentials_block:
         use_secret_block(credentials_block, parse_reference(reference).host)
-    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors).__dict__
+    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors,
+                                     concurrency=concurrency).__dict__
     resolved = fetch_manifest(settings, reference)
     digest = resolved["manifest_digest"]
     results: list[dict[str, Any]] = []

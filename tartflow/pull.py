@@ -16,15 +16,14 @@ paths), so that Prefect tasks can be thin wrappers and a restarted flow can skip
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import credentials
-from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
+from . import credentials, prune
+from .errors import CorruptLayerError, ImageFormatError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
     DOCKER_LIST,
@@ -82,6 +81,7 @@ class PullSettings:
     store: str | None = None
     check_space: bool = True
     space_margin: float = SPACE_MARGIN
+    concurrency: int = 4  # layer downloads in flight: bounds the compressed bytes on disk at once
     mirrors: dict[str, list[str]] | None = None
 
     @classmethod
@@ -149,8 +149,9 @@ def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
         staging = Staging(store, image)
         blobs = [d.digest for d in image.blobs if not staging.is_verified(d.digest)]
         layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
-        if settings.check_space:
-            _check_space(store, staging, image, blobs, settings.space_margin)
+        if settings.check_space:  # issue 13: Tart-style auto-prune (prune.py)
+            needed = prune.pull_peak(store, staging, image, blobs, settings.concurrency)
+            prune.make_room(settings.cache(), store, staging, ref, needed, settings.space_margin)
         staging.prepare(got.raw)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
                          layers_pending)
@@ -290,21 +291,6 @@ def staged_evidence(settings: PullSettings, manifest_digest: str, digest: str) -
     store, image = load_image(settings, manifest_digest)
     staging = Staging(store, image)
     return staging.evidence(digest) if staging.is_verified(digest) else None
-
-
-def _check_space(store: Store, staging: Staging, image: TartImage, pending: list[str], margin: float) -> None:
-    """Refuse before fetching when the decoded disk plus missing blobs cannot fit."""
-    sizes = {d.digest: d.size for d in image.blobs}
-    compressed = sum(sizes[d] for d in pending if not store.has_blob(d, sizes[d]))
-    decoded = sum(d.uncompressed_size for i, d in enumerate(image.disk_layers) if not staging.layer_done(i))
-    needed = compressed + decoded
-    free = shutil.disk_usage(store.root).free
-    if needed + margin > free:
-        raise InsufficientSpaceError(
-            f"not enough disk space at {store.root}: the pull needs {needed / 1e9:.2f} GB more "
-            f"(+{margin / 1e9:.2f} GB margin), {free / 1e9:.2f} GB is free; free some space "
-            "(tart prune, tartflow gc) and run the same command again"
-        )
 
 
 def _release_blobs(store: Store, image: TartImage, digests: list[str] | None = None) -> None:
