@@ -34,6 +34,8 @@ __all__ = ["ABANDONED_AFTER", "NO_AUTO_PRUNE", "Entry", "PruneReport", "cache_en
 
 log = logging.getLogger("tartflow.prune")
 
+_ENTRY_FILES = ("config.json", "disk.img", "nvram.bin", "manifest.json", ".explicitly-pulled")
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -80,19 +82,21 @@ def cache_entries(cache: TartCache) -> list[Entry]:
             repo = "/".join(vm.parent.relative_to(host_dir).parts)
             tags = sorted(link.name for link in links.get(os.path.realpath(vm), []))
             names = tuple(f"{host}/{repo}:{t}" for t in tags) or (f"{host}/{repo}@{vm.name}",)
-            entries.append(Entry(vm, host, names, _allocated(vm), os.stat(vm).st_atime))
+            accessed = os.stat(vm).st_atime
+            entries.append(Entry(vm, host, names, _allocated(vm), accessed))
     return sorted(entries, key=lambda e: e.accessed)
 
 
 def _allocated(path: Path) -> int:
+    """Bytes allocated by the files a cached VM is made of. Looked up by name, never listed:
+    reading a directory moves its access time, which is what entries are ranked by."""
     total = 0
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    for name in _ENTRY_FILES:
+        try:
+            st = os.lstat(path / name)
+        except OSError:
+            continue
+        total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
     return total
 
 
