@@ -195,3 +195,35 @@ def test_prune_leaves_a_host_whose_lock_a_tart_pull_holds(tmp_path: Path) -> Non
         holder.communicate()
     assert result.returncode == 0 and "kept r.example:5000/acme/old:v1" in result.stdout, result.stdout
     assert old.is_dir()
+
+
+def test_making_room_spares_the_pulls_own_staging_vm(
+    tmp_path: Path, small_image: BuiltImage, three_images: list[BuiltImage]
+) -> None:
+    """Abandoned partials go before any cached image, but never the staging VM of the pull
+    that is making room (a resumed pull's bytes are what it resumes from)."""
+    from tartflow.gc import collect
+
+    store = Store(tmp_path / "store")
+    mine, other = (parse_manifest(i.manifest_bytes, i.manifest_digest) for i in (small_image, three_images[0]))
+    for image, built in ((mine, small_image), (other, three_images[0])):
+        store.put_manifest(image.manifest_digest, built.manifest_bytes)
+        Staging(store, image).prepare(built.manifest_bytes)
+    report = collect(store, prune.ABANDONED_AFTER, now=time.time() + 2 * prune.ABANDONED_AFTER,
+                     keep=mine.manifest_digest)
+    assert Staging(store, mine).dir.is_dir()
+    assert not Staging(store, other).dir.exists() and report.removed
+
+
+def test_deletion_refuses_links_and_paths_outside_the_cache(tmp_path: Path) -> None:
+    from tartflow.collect import remove_digest_dir
+
+    cache = TartCache(tmp_path / "tart")
+    real = _fake_vm(cache, "r.example:5000/acme/a:v1", b"{}", "1", time.time())
+    elsewhere = tmp_path / "elsewhere" / ("sha256:" + "2" * 64)
+    elsewhere.mkdir(parents=True)
+    link = real.parent / ("sha256:" + "3" * 64)
+    link.symlink_to(elsewhere)
+    assert not remove_digest_dir(cache, link) and elsewhere.is_dir() and link.is_symlink()
+    assert not remove_digest_dir(cache, elsewhere) and elsewhere.is_dir()
+    assert remove_digest_dir(cache, real) and not real.exists()
