@@ -18,10 +18,12 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 from .registry.auth import Credentials
 
-__all__ = ["ENABLED", "LABEL", "TIMEOUT", "lookup"]
+__all__ = ["ENABLED", "LABEL", "TIMEOUT", "TTL", "lookup"]
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +36,31 @@ _ACCOUNT = re.compile(rb'^\s*"acct"<blob>=(?:0x[0-9A-Fa-f]+\s+)?"(?P<value>.*)"\
 _PASSWORD = re.compile(rb'^password:\s*(?:0x(?P<hex>[0-9A-Fa-f]+)\s*(?:".*")?|"(?P<text>.*)")\s*$', re.MULTILINE)
 
 
+#: Seconds an answer is reused: Basic auth asks for credentials on every request, and
+#: ``security`` may prompt; a missing item is asked about again after the same time.
+TTL = 300.0
+_cache: dict[tuple[str, str], tuple[float, Credentials | None]] = {}
+_cache_lock = threading.Lock()
+
+
 def lookup(host: str) -> Credentials | None:
     if not ENABLED:
         return None
     program = shutil.which("security")
     if program is None:
         return None
+    key = (program, host)
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is not None and cached[0] > time.monotonic():
+        return cached[1]
+    creds = _ask(program, host)
+    with _cache_lock:
+        _cache[key] = (time.monotonic() + TTL, creds)
+    return creds
+
+
+def _ask(program: str, host: str) -> Credentials | None:
     try:
         done = subprocess.run([program, "find-internet-password", "-s", host, "-l", LABEL, "-g"],
                               capture_output=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)

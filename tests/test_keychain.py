@@ -56,6 +56,7 @@ def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr(keychain, "ENABLED", True)  # the macOS branch, on any machine
     monkeypatch.setattr(credentials, "_helper_cache", {})
+    monkeypatch.setattr(keychain, "_cache", {})
     return tmp_path / "bin"
 
 
@@ -68,6 +69,9 @@ def test_tart_login_keychain_item_is_read_last_and_never_logged(
     assert credentials.lookup(HOST) == Credentials("tart-user", password)
     assert credentials.lookup("other.example.com") is None  # the item is for its host only
     assert password not in caplog.text and password not in calls.read_text()
+    assert len(calls.read_text().splitlines()) == 2  # asked once per host, then reused
+    assert credentials.lookup(HOST) == Credentials("tart-user", password)
+    assert len(calls.read_text().splitlines()) == 2
 
     docker = tmp_path / "docker"
     docker.mkdir()
