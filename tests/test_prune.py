@@ -227,3 +227,17 @@ def test_deletion_refuses_links_and_paths_outside_the_cache(tmp_path: Path) -> N
     assert not remove_digest_dir(cache, link) and elsewhere.is_dir() and link.is_symlink()
     assert not remove_digest_dir(cache, elsewhere) and elsewhere.is_dir()
     assert remove_digest_dir(cache, real) and not real.exists()
+
+
+def test_looking_for_layers_to_reuse_leaves_access_times_alone(tmp_path: Path, small_image: BuiltImage) -> None:
+    """Prune ranks by the digest directory's access time; a pull scanning the cache for layers
+    must not read those directories (a listing moves their atime on relatime mounts)."""
+    from tartflow.reuse import reuse_local
+
+    cache = TartCache(tmp_path / "tart")
+    old = time.time() - 10 * DAY
+    vm = _fake_vm(cache, "r.example:5000/acme/old:v1", small_image.manifest_bytes, "1", old)
+    os.utime(vm, (old, old + DAY))  # atime before mtime: any listing would move it
+    image = parse_manifest(small_image.manifest_bytes, small_image.manifest_digest)
+    reuse_local(cache, Staging(Store(tmp_path / "store"), image), image.nvram.digest)
+    assert os.stat(vm).st_atime == old
