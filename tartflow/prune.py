@@ -44,6 +44,7 @@ class Entry:
     names: tuple[str, ...]  # host/ns:tag for each tag on it, else host/ns@sha256:...
     size: int  # bytes allocated
     accessed: float
+    repository: str = ""  # host/ns, as references name it
 
     @property
     def label(self) -> str:
@@ -83,7 +84,7 @@ def cache_entries(cache: TartCache) -> list[Entry]:
             tags = sorted(link.name for link in links.get(os.path.realpath(vm), []))
             names = tuple(f"{host}/{repo}:{t}" for t in tags) or (f"{host}/{repo}@{vm.name}",)
             accessed = os.stat(vm).st_atime
-            entries.append(Entry(vm, host, names, _allocated(vm), accessed))
+            entries.append(Entry(vm, host, names, _allocated(vm), accessed, f"{host}/{repo}"))
     return sorted(entries, key=lambda e: e.accessed)
 
 
@@ -141,8 +142,7 @@ def prune_cache(
 
 
 def _kept(entry: Entry, keep: frozenset[str]) -> bool:
-    repo = entry.names[0].rsplit("@", 1)[0].rsplit(":", 1)[0] if entry.names else ""
-    return any(name in keep for name in entry.names) or f"{repo}@{entry.path.name}" in keep
+    return any(name in keep for name in entry.names) or f"{entry.repository}@{entry.path.name}" in keep
 
 
 def announce(text: str) -> None:

@@ -179,6 +179,20 @@ def test_prune_older_than_and_space_budget_as_tart_prune(tmp_path: Path) -> None
     assert f"removed r.example:5000/acme/pinned@sha256:{'3' * 64}" in budget.stdout
 
 
+def test_prune_keeps_the_images_it_is_told_to_keep(tmp_path: Path) -> None:
+    """What prewarm-fleet's prune_older_than passes: the run's images, by tag or by digest."""
+    cache, old = TartCache(tmp_path / "tart"), time.time() - 30 * DAY
+    tagged = _fake_vm(cache, "r.example:5000/acme/tagged:v1", b"{}", "1", old)
+    pinned = _fake_vm(cache, "r.example:5000/acme/pinned@sha256:" + "2" * 64, b"{}", "2", old)
+    stale = _fake_vm(cache, "r.example:5000/acme/stale:v1", b"{}", "3", old)
+    by_digest = _fake_vm(cache, "r.example:5000/acme/also:v1", b"{}", "4", old)  # tagged, kept by digest
+    keep = frozenset({"r.example:5000/acme/tagged:v1", "r.example:5000/acme/pinned@sha256:" + "2" * 64,
+                      "r.example:5000/acme/also@sha256:" + "4" * 64})
+    report = prune.prune_cache(cache, older_than=DAY, keep=keep)
+    assert [e.path for e in report.removed] == [stale]
+    assert tagged.is_dir() and pinned.is_dir() and by_digest.is_dir()
+
+
 def test_prune_leaves_a_host_whose_lock_a_tart_pull_holds(tmp_path: Path) -> None:
     user = _prune_user(tmp_path)
     cache = TartCache(user.tart_home)
