@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from flows.run import run_pull
 from tartflow import cancel
@@ -78,7 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     gc = sub.add_parser("gc", help="remove partial downloads and staging VMs that abandoned pulls left")
     gc.add_argument("--older-than", type=_duration, default=24 * 3600.0, metavar="DURATION",
                     help="only what was last written longer ago than this (default 24h); 0 for everything unlocked")
+    _add_prune(sub)  # issue 13
     return parser
+
+
+def _add_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from tartflow.prune import parse_duration, parse_size
+
+    def typed(parse: Callable[[str], object]) -> Callable[[str], object]:
+        def convert(text: str) -> object:
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return convert
+
+    prune = sub.add_parser("prune", help="remove images from Tart's OCI cache, as `tart prune --entries caches`")
+    prune.add_argument("--older-than", type=typed(parse_duration), metavar="DURATION",
+                       help="remove images last accessed longer ago than this (e.g. 7d, 12h)")
+    prune.add_argument("--space-budget", type=typed(parse_size), metavar="SIZE",
+                       help="keep the most recently accessed images that fit in this size (e.g. 100GB)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list()
         if args.command == "gc":
             return _gc(args.older_than)
+        if args.command == "prune":
+            return _prune(parser, args)
         try:
             for ref in (args.source, args.destination) if args.command == "copy" else (args.reference,):
                 parse_reference(ref)
@@ -188,6 +210,24 @@ def _gc(older_than: float) -> int:
     for label in report.kept_locked:
         print(f"kept {label}: a pull is using it")
     print(f"freed {report.freed / 1e6:.1f} MB")
+    return EXIT_OK
+
+
+def _prune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from tartflow.prune import prune_cache
+
+    if args.older_than is None and args.space_budget is None:
+        print(parser.format_usage().rstrip(), file=sys.stderr)
+        print("tartflow: error: prune needs --older-than, --space-budget or both", file=sys.stderr)
+        return EXIT_USAGE
+    report = prune_cache(TartCache(), older_than=args.older_than, space_budget=args.space_budget,
+                         dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for entry in report.removed:
+        print(f"{verb} {entry.label} ({entry.size / 1e9:.2f} GB, accessed {_ago(entry.accessed)})")
+    for entry in report.busy:
+        print(f"kept {entry.label}: a tart pull holds the lock on {entry.host}; run prune again later")
+    print(f"{verb} {len(report.removed)} image(s), {report.freed / 1e9:.2f} GB")
     return EXIT_OK
 
 

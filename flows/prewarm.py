@@ -23,6 +23,7 @@ from prefect.deployments import run_deployment
 from prefect.variables import Variable
 
 from flows.params import Concurrency, Mirrors, RetryFor
+from flows.prewarm_prune import prune_runners
 
 __all__ = ["CONTROL_QUEUE", "IMAGES_VARIABLE", "POOL", "PULL_DEPLOYMENT", "live_runners", "prewarm_fleet"]
 
@@ -51,6 +52,7 @@ def prewarm_fleet(
     pool: str = POOL,
     mirrors: Mirrors = None,
     credentials_block: str | None = None,
+    prune_older_than: RetryFor | None = None,
 ) -> dict[str, str]:
     """Pull images onto runners of the fleet in parallel; returns {"runner image": final state}.
 
@@ -66,6 +68,9 @@ def prewarm_fleet(
             e.g. {"ghcr.io": ["http://mirror.lan:5000"]}.
         credentials_block: Name of a Prefect Secret block holding registry credentials,
             passed to every pull.
+        prune_older_than: Seconds; when set, after its pulls each runner drops cached images
+            that are not in this run's image list and were not accessed within that time
+            (604800 = a week). Off by default.
     """
     logger = get_run_logger()
     images = images or list(Variable.get(IMAGES_VARIABLE, default=[]) or [])
@@ -80,6 +85,8 @@ def prewarm_fleet(
     started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
     finals = _wait(started)
     _publish(finals)
+    if prune_older_than is not None:  # issue 13: retention after the pulls, per runner
+        finals.update(prune_runners(runners, images, prune_older_than))
     failed = [f"{runner} ({image}: {state})" for (runner, image), (state, _) in finals.items() if state != "COMPLETED"]
     if failed:
         raise RuntimeError(f"prewarm failed on {len(failed)} of {len(finals)}: " + "; ".join(failed))

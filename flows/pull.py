@@ -71,7 +71,8 @@ def pull_image(
     started = time.monotonic()
     if credentials_block:
         use_secret_block(credentials_block, parse_reference(reference).host)
-    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors)
+    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors,
+                                     concurrency=concurrency)
     resolved = fetch_manifest(settings, reference)
     results: list[tuple[FetchResult, bool]] = []
     if not resolved.installed:

@@ -53,6 +53,7 @@ class PullSettings:
     store: str | None = None
     check_space: bool = True
     space_margin: float = SPACE_MARGIN
+    concurrency: int = 4  # layer downloads in flight: bounds the compressed bytes on disk at once
     mirrors: dict[str, list[str]] | None = None
 
     @classmethod

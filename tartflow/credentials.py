@@ -1,11 +1,16 @@
-"""Registry credentials the way Tart and Docker users already have them, first source wins.
+r"""Registry credentials the way Tart and Docker users already have them, first source wins.
 
 1. ``TART_REGISTRY_USERNAME`` / ``TART_REGISTRY_PASSWORD``, for every host, or only for
    ``TART_REGISTRY_HOSTNAME`` when that is set (Tart's Credentials/EnvironmentCredentialsProvider).
 2. Docker's ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``):
    ``credHelpers.<host>``, then ``auths.<host>`` (``identitytoken``, ``auth``,
    ``username``/``password``), then ``credsStore``. Tart reads only ``auths.<host>.auth`` and
-   ``credHelpers``; Docker's own order is kept for the rest.
+   ``credHelpers``; Docker's own order is kept for the rest. A ``credHelpers`` key is tried as
+   the exact host first, then every key as a regular expression matching the whole host, as
+   Tart does (ECR-style ``.*\.dkr\.ecr\..*\.amazonaws\.com``); a key that is not a valid
+   expression is skipped.
+3. On macOS only, the Keychain item ``tart login HOST`` writes: an internet password labelled
+   "Tart Credentials" for the host, read with ``security find-internet-password`` (keychain.py).
 
 Credential helpers: https://github.com/docker/docker-credential-helpers (``get`` with the server
 on stdin, JSON ``{"Username", "Secret"}`` on stdout; Username ``<token>`` means Secret is an
@@ -23,6 +28,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import keychain
 from .registry.auth import IDENTITY_TOKEN_USER, Credentials
 
 __all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup", "use"]
@@ -64,7 +71,7 @@ def lookup(host: str) -> Credentials | None:
     """Credentials for ``host`` (``name[:port]``) from the first source that has them, else
     None (anonymous). Never raises for a broken source; reads the environment and files anew
     on every call."""
-    return _given.get(host) or _from_env(host) or _from_docker_config(host)
+    return _given.get(host) or _from_env(host) or _from_docker_config(host) or keychain.lookup(host)
 
 
 def _from_env(host: str) -> Credentials | None:
@@ -84,7 +91,7 @@ def docker_config_path() -> Path:
 def _from_docker_config(host: str) -> Credentials | None:
     config = _read_config(docker_config_path())
     server = _DOCKER_HUB_KEY if host in _DOCKER_HUB else host
-    helper = _mapping(config.get("credHelpers")).get(host)
+    helper = _helper_for(_mapping(config.get("credHelpers")), host)
     store = config.get("credsStore")
     sources: list[Callable[[], Credentials | None]] = [
         lambda: _from_helper(helper, server) if isinstance(helper, str) else None,
@@ -95,6 +102,19 @@ def _from_docker_config(host: str) -> Credentials | None:
         creds = source()
         if creds is not None:
             return creds
+    return None
+
+
+def _helper_for(helpers: dict[str, Any], host: str) -> object:
+    """The helper named for ``host``: its exact key, else the first key matching it as a regex."""
+    if host in helpers:
+        return helpers[host]
+    for pattern, helper in helpers.items():
+        try:
+            if re.fullmatch(pattern, host):
+                return helper
+        except re.error:
+            log.debug("ignoring a credHelpers key that is not a regular expression")
     return None
 
 

@@ -9,11 +9,14 @@ when its process dies, even by kill -9) always protects its files, whatever thei
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import TartflowError
+from .manifest import parse_manifest
 from .staging import staged_blobs
 from .store import Store, is_locked
 
@@ -38,8 +41,11 @@ def _newest_write(path: Path) -> float:
     return max(times)
 
 
-def collect(store: Store, older_than: float, *, now: float | None = None) -> GcReport:
+def collect(store: Store, older_than: float, *, now: float | None = None, keep: str | None = None) -> GcReport:
+    """``keep``: a manifest digest whose staging VM and blobs stay whatever their age (the
+    pull that is making room for itself)."""
     now = time.time() if now is None else now
+    kept_hex = keep.split(":", 1)[-1] if keep else None
     report = GcReport()
 
     def remove(path: Path, label: str) -> None:
@@ -58,12 +64,17 @@ def collect(store: Store, older_than: float, *, now: float | None = None) -> GcR
             remove(ingest, f"partial download {ingest.name[:12]}")
     for staging in sorted(p for p in (store.root / "staging").glob("*") if not p.name.endswith(".state")):
         state = staging.with_name(staging.name + ".state")
+        if staging.name == kept_hex:
+            continue
         if any(is_locked(lock) for lock in (store.root / "locks" / staging.name).glob("*.lock")):
             report.kept_locked.append(f"staging VM {staging.name[:12]}")
         elif now - _newest_write(staging) > older_than:
             remove(staging, f"staging VM {staging.name[:12]}")
             shutil.rmtree(state, ignore_errors=True)
     wanted = staged_blobs(store)  # what the staging VMs that remain still need
+    if keep:
+        with contextlib.suppress(TartflowError, OSError):
+            wanted |= {d.digest for d in parse_manifest(store.read_manifest(keep), keep).blobs}
     for blob in sorted((store.root / "blobs" / "sha256").glob("*")):
         if "sha256:" + blob.name not in wanted and now - blob.stat().st_mtime > older_than:
             remove(blob, f"blob {blob.name[:12]}")

@@ -37,6 +37,8 @@ CONFIG_LAYER = "application/vnd.cirruslabs.tart.config.v1"
 DISK_V2_LAYER = "application/vnd.cirruslabs.tart.disk.v2"
 DISK_V1_LAYER = "application/vnd.cirruslabs.tart.disk.v1"
 NVRAM_LAYER = "application/vnd.cirruslabs.tart.nvram.v1"
+#: Stacked images (Tart main, unreleased): ASIF overlay groups on top of disk.v2 base chunks.
+DISK_ASIF_OVERLAY_LAYER = "application/vnd.cirruslabs.tart.disk.asif.overlay.v1"
 
 UNCOMPRESSED_SIZE = "org.cirruslabs.tart.uncompressed-size"
 UNCOMPRESSED_DIGEST = "org.cirruslabs.tart.uncompressed-content-digest"
@@ -177,6 +179,11 @@ def parse_manifest(raw: bytes, manifest_digest: str) -> TartImage:
         raise ImageFormatError(
             "image uses the legacy Tart disk format (tart.disk.v1) that current Tart refuses too; "
             "re-push it with a recent Tart (tart push) and pull again"
+        )
+    if DISK_ASIF_OVERLAY_LAYER in kinds:
+        raise ImageFormatError(
+            f"this is a stacked Tart image (layers of {DISK_ASIF_OVERLAY_LAYER}), which tartflow cannot pull yet; "
+            "pull it with a Tart that supports stacked images (tart pull)"
         )
     configs = [layer for layer in layers if layer.media_type == CONFIG_LAYER]
     nvrams = [layer for layer in layers if layer.media_type == NVRAM_LAYER]

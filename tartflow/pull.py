@@ -19,13 +19,13 @@ before it lets an earlier run's result of theirs count).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+from . import prune
 from .context import Landing, PullContext, PullSettings, store_root
-from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
+from .errors import CorruptLayerError, ImageFormatError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
     DOCKER_LIST,
@@ -93,8 +93,9 @@ def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
         blobs = [d.digest for d in image.blobs]
         pending = [d for d in blobs if not staging.is_verified(d)]
         layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
-        if ctx.settings.check_space:
-            _check_space(ctx.store, staging, image, pending, ctx.settings.space_margin)
+        if ctx.settings.check_space:  # Tart-style auto-prune (prune.py)
+            needed = prune.pull_peak(ctx.store, staging, image, pending, ctx.settings.concurrency)
+            prune.make_room(ctx.cache, ctx.store, staging, ref, needed, ctx.settings.space_margin)
         staging.prepare(got.raw)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
                          layers_pending)
@@ -254,19 +255,6 @@ def assemble(ctx: PullContext, reference: str, manifest_digest: str) -> str:
     return str(target)
 
 
-def _check_space(store: Store, staging: Staging, image: TartImage, pending: list[str], margin: float) -> None:
-    """Refuse before fetching when the decoded disk plus missing blobs cannot fit."""
-    sizes = {d.digest: d.size for d in image.blobs}
-    compressed = sum(sizes[d] for d in pending if not store.has_blob(d, sizes[d]))
-    decoded = sum(d.uncompressed_size for i, d in enumerate(image.disk_layers) if not staging.layer_done(i))
-    needed = compressed + decoded
-    free = shutil.disk_usage(store.root).free
-    if needed + margin > free:
-        raise InsufficientSpaceError(
-            f"not enough disk space at {store.root}: the pull needs {needed / 1e9:.2f} GB more "
-            f"(+{margin / 1e9:.2f} GB margin), {free / 1e9:.2f} GB is free; free some space "
-            "(tart prune, tartflow gc) and run the same command again"
-        )
 
 
 def _release_blobs(store: Store, image: TartImage, digests: list[str] | None = None) -> None:

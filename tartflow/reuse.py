@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .collect import digest_dirs
 from .errors import CorruptLayerError, TartflowError
 from .manifest import TartImage, parse_manifest
 from .progress import reporter
@@ -35,15 +36,17 @@ class _LocalVM:
 def _local_vms(cache: TartCache, staging: Staging) -> Iterator[_LocalVM]:
     """VMs in Tart's cache, then the staging VMs of other pulls (their finished layers only)."""
     exclude = staging.image.manifest_digest
-    if cache.oci_root.is_dir():
-        for manifest in cache.oci_root.rglob("sha256:*/manifest.json"):
-            vm = manifest.parent
-            if vm.name == exclude or vm.is_symlink() or not cache.is_vm(vm):
-                continue
-            try:
-                yield _LocalVM(vm, parse_manifest(manifest.read_bytes(), vm.name), lambda i: True)
-            except (TartflowError, OSError):
-                continue
+    # Digest directories are found without listing them: a listing moves their access time,
+    # which prune ranks them by. Entries without disk.img (stacked images) are stepped over.
+    hosts = sorted(p for p in cache.oci_root.iterdir() if p.is_dir()) if cache.oci_root.is_dir() else []
+    for vm in (vm for host in hosts for vm in digest_dirs(host)):
+        manifest = vm / "manifest.json"
+        if vm.name == exclude or not cache.is_vm(vm):
+            continue
+        try:
+            yield _LocalVM(vm, parse_manifest(manifest.read_bytes(), vm.name), lambda i: True)
+        except (TartflowError, OSError):  # collected meanwhile, or not a manifest we can use
+            continue
     for image in staged_images(staging.store, besides=exclude):
         other = Staging(staging.store, image)
         yield _LocalVM(other.dir, other.image, other.layer_done)

@@ -8,15 +8,16 @@ so a ``tart pull`` running beside tartflow cannot interleave with the rename and
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hostlock
+from .collect import collect_host
 from .errors import StoreError
 from .reference import Reference, validate_digest
 from .store import fsync_dir
@@ -73,16 +74,17 @@ class TartCache:
 
     @contextmanager
     def host_lock(self, host: str) -> Iterator[None]:
-        """Tart's own lock: ``flock`` on the host directory itself."""
-        directory = self.host_dir(host)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        """Tart's own lock: ``flock`` on the host directory itself.
+
+        A ``tart pull`` holds it for its whole download, so waiting is said out loud at once
+        (hostlock.py) and stays interruptible: a stop request (Ctrl+C, SIGTERM) ends the wait.
+        """
+        with hostlock.held(self.host_dir(host)):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+
+    def try_host_lock(self, host: str) -> AbstractContextManager[bool]:
+        """The host lock if it is free now (yields True), else yields False without waiting."""
+        return hostlock.held_if_free(self.host_dir(host))
 
     def install(self, ref: Reference, digest: str, staging: Path | None = None) -> Path:
         """Move a complete VM from ``staging`` into place (if given) and point the tag at it.
@@ -110,6 +112,7 @@ class TartCache:
                 raise StoreError(f"{target} is not a complete VM; run the pull again")
             if ref.tag is not None:
                 self._link_tag(ref, target)
+                collect_host(self, ref.host)  # as Tart: link() then gc(), under the same lock
             else:
                 (target / EXPLICITLY_PULLED).touch()
         self.mark_accessed(target)

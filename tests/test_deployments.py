@@ -94,9 +94,9 @@ def _wait_for_live_runners(fleet: Fleet) -> None:
     raise AssertionError("runner workers never polled their queues")
 
 
-def _prewarm(fleet: Fleet, image: BuiltImage) -> None:
-    ref = f"{fleet.proxy.host}/{image.repository}:{image.tag}"
-    params = json.dumps({"images": [ref], "insecure": True})
+def _prewarm(fleet: Fleet, *images: BuiltImage, **extra: object) -> None:
+    refs = [f"{fleet.proxy.host}/{image.repository}:{image.tag}" for image in images]
+    params = json.dumps({"images": refs, "insecure": True, **extra})
     run = fleet.prefect("deployment", "run", "prewarm-fleet/fleet", "--params", params, "--watch",
                         "--watch-timeout", "400", timeout=420)
     assert run.returncode == 0 and "COMPLETED" in run.stdout.upper(), run.stdout[-4000:] + run.stderr[-4000:]
@@ -141,8 +141,43 @@ def test_prewarm_fills_every_runner_then_a_refresh_moves_only_the_changed_layer(
     _prewarm(fleet, second)
     _assert_on_every_runner(fleet, second)
     assert fleet.proxy.blob_bytes_served == 2 * sum(size for _, size in new_layers)
-    for home in fleet.homes.values():  # the image the tag left is pruned first, as Tart does
-        assert vm_dir_at(home, fleet.proxy.host, first).stat().st_atime == 0
+    for home in fleet.homes.values():  # the image the tag left is collected, as Tart does
+        assert not vm_dir_at(home, fleet.proxy.host, first).exists()
+
+
+def test_prewarm_prune_older_than_drops_stale_images_not_in_the_run(
+    fleet: Fleet, registry: Registry, tmp_path: Path
+) -> None:
+    """Issue 13: after its pulls each runner drops cached images not in the run's list and not
+    accessed within ``prune_older_than``; the prewarm run's artifact lists what went."""
+    _wait_for_live_runners(fleet)
+    built = {}
+    for n, name in enumerate(("stale", "wanted")):
+        disk = tmp_path / f"{name}.img"
+        make_disk(disk, 4 * 1024 * 1024, seed=90 + n)
+        built[name] = build_and_push(registry.url, f"fleet/{name}", "v1", disk, layer_size=2 * 1024 * 1024)
+    _prewarm(fleet, built["stale"], built["wanted"])
+    week_ago = time.time() - 7 * 86400
+    for home in fleet.homes.values():
+        for image in built.values():  # both untouched for a week; only "wanted" is in the next run
+            os.utime(vm_dir_at(home, fleet.proxy.host, image), (week_ago, week_ago))
+    _prewarm(fleet, built["wanted"], prune_older_than=86400)
+    for runner, home in fleet.homes.items():
+        assert not vm_dir_at(home, fleet.proxy.host, built["stale"]).exists(), runner
+        assert not (vm_dir_at(home, fleet.proxy.host, built["stale"]).parent / "v1").is_symlink(), runner
+        assert (vm_dir_at(home, fleet.proxy.host, built["wanted"]) / "disk.img").read_bytes() == \
+            built["wanted"].disk_path.read_bytes(), runner
+    code = (
+        "import json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=['tartflow-prewarm-pruned'])))\n"
+        "    print(arts[-1].data)\n"
+    )
+    rows = json.loads(fleet.python(code))
+    stale = f"{fleet.proxy.host}/fleet/stale:v1"
+    assert sorted((row["runner"], row["image"]) for row in rows) == [(r, stale) for r in sorted(RUNNERS)], rows
 
 
 def test_nightly_deployment_carries_its_cron_schedule(fleet: Fleet) -> None:
