@@ -34,7 +34,7 @@ from typing import Any
 
 from .registry.auth import IDENTITY_TOKEN_USER, Credentials
 
-__all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup", "use"]
+__all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup", "lookup_mirror", "use"]
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,17 @@ def lookup(host: str) -> Credentials | None:
     return _given.get(host) or _from_env(host) or _from_docker_config(host)
 
 
-def _from_env(host: str) -> Credentials | None:
+def lookup_mirror(host: str) -> Credentials | None:
+    """Credentials for a pull-through mirror at ``host``: only those keyed by its own host.
+    ``TART_REGISTRY_USERNAME``/``PASSWORD`` without ``TART_REGISTRY_HOSTNAME`` mean "the
+    registries I pull from", never a mirror in front of them."""
+    return _given.get(host) or _from_env(host, named_only=True) or _from_docker_config(host)
+
+
+def _from_env(host: str, *, named_only: bool = False) -> Credentials | None:
     user, password = os.environ.get("TART_REGISTRY_USERNAME"), os.environ.get("TART_REGISTRY_PASSWORD")
     only = os.environ.get("TART_REGISTRY_HOSTNAME")
-    if user and password and (not only or only == host):
+    if user and password and (only == host or (not only and not named_only)):
         return Credentials(user, password)
     return None
 

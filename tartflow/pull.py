@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import cast
 
 from . import credentials
 from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
@@ -37,8 +37,8 @@ from .manifest import (
 )
 from .progress import reporter
 from .reference import Reference, parse_reference
-from .registry.client import ClientSettings, client_for
-from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
+from .registry.client import ClientSettings
+from .registry.mirrors import BlobSource, parse_mirrors, source_for
 from .registry.retry import RetryPolicy, retrying
 from .reuse import reuse_local
 from .staging import Staging
@@ -91,8 +91,8 @@ class PullSettings:
         for env, name in (("TARTFLOW_READ_TIMEOUT", "read_timeout"), ("TARTFLOW_SPACE_MARGIN", "space_margin")):
             if os.environ.get(env):
                 values.setdefault(name, float(os.environ[env]))
-        if not values.get("mirrors"):
-            values["mirrors"] = parse_mirrors(os.environ.get("TARTFLOW_MIRRORS")) or None
+        given = cast("dict[str, list[str]] | None", values.get("mirrors"))
+        values["mirrors"] = parse_mirrors(given or os.environ.get("TARTFLOW_MIRRORS")) or None
         return cls(**values)  # type: ignore[arg-type]
 
     def cache(self) -> TartCache:
@@ -104,12 +104,8 @@ class PullSettings:
     def client(self, ref: Reference) -> BlobSource:
         """The registry of ``ref``, behind its mirrors when any are configured."""
         settings = ClientSettings(insecure=self.insecure, read_timeout=self.read_timeout)
-        registry = client_for(ref.host, settings, credentials.lookup)
         urls = parse_mirrors(self.mirrors).get(ref.host)
-        if not urls:
-            return registry
-        mirrors = [(url, client_for(urlsplit(url).netloc, settings, credentials.lookup, base_url=url)) for url in urls]
-        return MirroredSource(mirrors, registry)
+        return source_for(ref.host, urls, settings, credentials.lookup, credentials.lookup_mirror)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(retry_for=self.retry_for)
