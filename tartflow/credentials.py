@@ -1,7 +1,9 @@
 """Registry credentials the way Tart and Docker users already have them, first source wins.
 
-1. ``TART_REGISTRY_USERNAME`` / ``TART_REGISTRY_PASSWORD``, for every host, or only for
+1. ``TART_REGISTRY_USERNAME`` / ``TART_REGISTRY_PASSWORD``, for every registry host, or only for
    ``TART_REGISTRY_HOSTNAME`` when that is set (Tart's Credentials/EnvironmentCredentialsProvider).
+   A pull-through mirror is not a registry the user named: ``lookup_mirror`` gives it these
+   only when ``TART_REGISTRY_HOSTNAME`` is its own host.
 2. Docker's ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``):
    ``credHelpers.<host>``, then ``auths.<host>`` (``identitytoken``, ``auth``,
    ``username``/``password``), then ``credsStore``. Tart reads only ``auths.<host>.auth`` and

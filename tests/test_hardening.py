@@ -114,14 +114,25 @@ def read_blob(client: RegistryClient) -> int:
 
 @pytest.mark.parametrize("resource", ["manifests/v1", f"blobs/{DIGEST}"])
 def test_a_token_endpoint_that_never_answers_ends_within_the_timeouts(server: HostileServer, resource: str) -> None:
-    """The blob case is a token renewed in the middle of a download (its 401 on a blob GET)."""
+    """The blob case is a token renewed in the middle of a download (its 401 on a blob GET).
+    The 2 s read timeout ends it, well before the 62 s overall deadline would."""
     server.on("GET", r"^/v2/", bearer(f"{server.url}/token")).on("GET", r"^/token", hang)
-    client = RegistryClient(server.host, settings=QUICK)
+    client = RegistryClient(server.host, settings=ClientSettings(insecure=True, connect_timeout=58, read_timeout=2))
     call = (lambda: client.get_manifest("acme/vm", "v1")) if resource.startswith("manifests") \
         else (lambda: read_blob(client))
     elapsed, outcome = ended_within(HUNG, call)
     assert isinstance(outcome, RegistryError) and outcome.temporary, outcome
     assert elapsed < 20 and len(server.requests(r"^/token")) == 1
+
+
+def test_a_hanging_token_endpoint_is_given_up_on_within_retry_for(server: HostileServer) -> None:
+    """Its 120 s read timeout never comes into it: the exchange ends with the 12 s budget."""
+    server.on("GET", r"^/v2/", bearer(f"{server.url}/token")).on("GET", r"^/token", hang)
+    client = RegistryClient(server.host, settings=PATIENT)
+    policy = RetryPolicy(retry_for=12)
+    elapsed, outcome = ended_within(HUNG, lambda: retrying(lambda: client.get_manifest("acme/vm", "v1"), policy))
+    assert isinstance(outcome, RegistryError) and getattr(outcome, "exhausted", False), outcome
+    assert elapsed < 30
 
 
 @pytest.mark.parametrize("hung", ["token", "blob stream"])
@@ -192,7 +203,7 @@ def test_an_https_registry_cannot_move_its_realm_to_plain_http(tls: HostileServe
     other.on("GET", r"^/token", reply(200, {"Content-Type": "application/json"}, b'{"token": "t"}'))
     client = RegistryClient(tls.host, settings=ClientSettings(connect_timeout=2.0, read_timeout=2.0),
                             credentials=lambda host: Credentials("fleet", "s3cret"))
-    elapsed, outcome = ended_within(HUNG, lambda: client.get_manifest("acme/vm", "v1"))
+    _, outcome = ended_within(HUNG, lambda: client.get_manifest("acme/vm", "v1"))
     assert isinstance(outcome, RegistryError) and not outcome.temporary, outcome
     assert "plain http" in outcome.message and "s3cret" not in outcome.message
     assert other.seen == []
@@ -201,7 +212,7 @@ def test_an_https_registry_cannot_move_its_realm_to_plain_http(tls: HostileServe
 def test_a_blob_redirect_from_https_to_plain_http_is_refused(tls: HostileServer, other: HostileServer) -> None:
     tls.on("GET", r"^/v2/acme/vm/blobs/", reply(307, {"Location": f"{other.url}/cdn/blob?X-Sig=Zq9sig"}))
     client = RegistryClient(tls.host, settings=ClientSettings(connect_timeout=2.0, read_timeout=2.0))
-    elapsed, outcome = ended_within(HUNG, lambda: read_blob(client))
+    _, outcome = ended_within(HUNG, lambda: read_blob(client))
     assert isinstance(outcome, RegistryError) and not outcome.temporary, outcome
     assert "Zq9sig" not in outcome.message
     assert other.seen == []
@@ -290,3 +301,17 @@ def test_the_cli_refuses_userinfo_in_tartflow_mirrors_with_exit_2(tmp_path: Path
     assert result.returncode == 2, result.stderr
     assert "s3cret" not in result.stderr + result.stdout and "Traceback" not in result.stderr
     assert "Secret block" in result.stderr.splitlines()[-1]
+
+
+def test_a_deployment_refuses_userinfo_in_mirrors_before_storing_the_run() -> None:
+    """The flows' parameter schema (what the Prefect server enforces for deployment runs)."""
+    import pydantic
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.params import Mirrors
+    from flows.pull import pull_image
+
+    with pytest.raises(pydantic.ValidationError):
+        pydantic.TypeAdapter(Mirrors).validate_python(WITH_USERINFO)
+    pydantic.TypeAdapter(Mirrors).validate_python({"ghcr.io": ["http://mirror.lan:5000", "https://m.lan/v"]})
+    assert "pattern" in json.dumps(parameter_schema(pull_image).model_dump())

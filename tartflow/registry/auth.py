@@ -140,7 +140,7 @@ class RegistryAuth(httpx.Auth):
         # Built by hand, so it carries none of the client's timeouts unless given them here.
         token_request.extensions["timeout"] = self._token_http.timeout.as_dict()
         try:
-            with waits.deadline(self._deadline):
+            with waits.exchange(self._deadline):
                 response = self._token_http.send(token_request, stream=True)
                 try:
                     body = _read_at_most(response, MAX_TOKEN_SIZE + 1)

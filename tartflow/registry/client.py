@@ -185,7 +185,7 @@ class RegistryClient:
         what = f"manifest {self.host}/{repository}:{reference}" if not reference.startswith("sha256:") \
             else f"manifest {self.host}/{repository}@{reference}"
         try:
-            with waits.deadline(self.settings.exchange_deadline), \
+            with waits.exchange(self.settings.exchange_deadline), \
                     self._http.stream("GET", url, headers={"Accept": MANIFEST_ACCEPT}) as response:
                 if response.status_code != 200:
                     raise error_from_response(response, _read_capped(response, 65536), what=what)
@@ -245,7 +245,7 @@ class RegistryClient:
         if status == 416 and offset:
             # Our partial already holds every byte (or more): the caller verifies or restarts.
             return BlobResponse(offset, offset, None, what)
-        with waits.deadline(self.settings.exchange_deadline):
+        with waits.exchange(self.settings.exchange_deadline):
             body = _read_capped(response, 65536)
         raise error_from_response(response, body, what=what, from_cdn=from_cdn)
 

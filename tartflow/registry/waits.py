@@ -25,13 +25,16 @@ import httpx
 
 from .. import cancel
 
-__all__ = ["TICK", "deadline", "transport"]
+__all__ = ["MIN_EXCHANGE", "TICK", "budget", "deadline", "exchange", "transport"]
 
 #: Longest single socket wait; Ctrl+C and overall deadlines are noticed within this.
 TICK = 0.5
 
 #: Shortest single connection attempt; Ctrl+C during a connect is noticed within this.
 _CONNECT_SLICE = 3.0
+
+#: Seconds a small exchange may always take, however little of a retry budget is left.
+MIN_EXCHANGE = 10.0
 
 _local = threading.local()
 T = TypeVar("T")
@@ -47,6 +50,30 @@ def deadline(seconds: float) -> Iterator[None]:
         yield
     finally:
         _local.deadline = previous
+
+
+@contextmanager
+def budget(until: float) -> Iterator[None]:
+    """Small exchanges of this thread (see :func:`exchange`) end by monotonic time ``until``,
+    a retry loop's deadline, or ``MIN_EXCHANGE`` seconds after they start if that is later.
+    Blob streams are not held to it: one attempt may rightly take longer than ``--retry-for``."""
+    previous = getattr(_local, "budget", None)
+    _local.budget = until
+    try:
+        yield
+    finally:
+        _local.budget = previous
+
+
+@contextmanager
+def exchange(seconds: float) -> Iterator[None]:
+    """A deadline for one small exchange (a manifest, a token, an error body): ``seconds``, or
+    less when the retry budget ends sooner."""
+    until: float | None = getattr(_local, "budget", None)
+    if until is not None:
+        seconds = min(seconds, max(until - time.monotonic(), MIN_EXCHANGE))
+    with deadline(seconds):
+        yield
 
 
 def _sliced(op: Callable[[float], T], timeout: float | None, timed_out: type[Exception]) -> T:
