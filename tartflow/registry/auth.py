@@ -72,17 +72,17 @@ class RegistryAuth(httpx.Auth):
         host: str,
         lookup: CredentialLookup = _no_credentials,
         *,
+        tokens: httpx.Client,
         origin: str | None = None,
-        tokens: httpx.Client | None = None,
         insecure: bool = False,
         deadline: float = 120.0,
     ) -> None:
-        """``origin``: the registry's base URL (default ``https://host``); ``tokens``: the client
-        token requests go through (default: a plain one with httpx's timeouts)."""
+        """``tokens``: the client token requests go through (no auth, no redirects; its owner
+        closes it); ``origin``: the registry's base URL (default ``https://host``)."""
         self._host = host
         self._lookup = lookup
         self._origin = _origin_of(httpx.URL(origin or f"https://{host}"))
-        self._token_http = tokens or httpx.Client(follow_redirects=False)
+        self._token_http = tokens
         self._insecure = insecure
         self._deadline = deadline
         self._lock = threading.Lock()
@@ -137,9 +137,7 @@ class RegistryAuth(httpx.Auth):
         token_request = self._token_request(self._realm(request, params["realm"]), params, scope)
         shown = redact(token_request.url)
         what = f"token for {self._host} from {shown}"
-        # Built by hand, so it carries none of the client's timeouts unless given them here.
-        token_request.extensions["timeout"] = self._token_http.timeout.as_dict()
-        try:
+        try:  # through the client's own send(), which gives the request the client's timeouts
             with waits.exchange(self._deadline):
                 response = self._token_http.send(token_request, stream=True)
                 try:
