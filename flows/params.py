@@ -14,4 +14,7 @@ __all__ = ["Concurrency", "Mirrors", "RetryFor"]
 
 Concurrency = Annotated[int, Field(ge=1, le=32)]
 RetryFor = Annotated[float, Field(ge=0)]
-Mirrors = dict[str, list[str]] | None
+#: A mirror base URL without userinfo: the pattern is in the deployment's parameter schema, so
+#: a run asking for ``http://user:pw@mirror`` is refused before Prefect stores its parameters.
+MirrorURL = Annotated[str, Field(pattern=r"^https?://[^/@?#\s]+(/[^?#]*)?$")]
+Mirrors = dict[str, list[MirrorURL]] | None

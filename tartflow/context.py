@@ -14,12 +14,12 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import cast
 
 from . import credentials
 from .reference import Reference
-from .registry.client import ClientSettings, client_for
-from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
+from .registry.client import ClientSettings
+from .registry.mirrors import BlobSource, parse_mirrors, source_for
 from .registry.retry import RetryPolicy
 from .store import Store
 from .tartcache import TartCache, tart_home
@@ -63,8 +63,10 @@ class PullSettings:
         for env, name in (("TARTFLOW_READ_TIMEOUT", "read_timeout"), ("TARTFLOW_SPACE_MARGIN", "space_margin")):
             if os.environ.get(env):
                 values.setdefault(name, float(os.environ[env]))
-        if not values.get("mirrors"):
-            values["mirrors"] = parse_mirrors(os.environ.get("TARTFLOW_MIRRORS")) or None
+        # A mirrors value passed in is parsed too, so userinfo in a flow parameter is refused
+        # before anything runs.
+        given = cast("dict[str, list[str]] | None", values.get("mirrors"))
+        values["mirrors"] = parse_mirrors(given or os.environ.get("TARTFLOW_MIRRORS")) or None
         return cls(**values)  # type: ignore[arg-type]
 
     def landing(self) -> Landing:
@@ -86,13 +88,8 @@ class Landing:
 def registry_source(settings: PullSettings, ref: Reference) -> BlobSource:
     """The registry of ``ref``, behind its mirrors when any are configured."""
     client_settings = ClientSettings(insecure=settings.insecure, read_timeout=settings.read_timeout)
-    registry = client_for(ref.host, client_settings, credentials.lookup)
     urls = parse_mirrors(settings.mirrors).get(ref.host)
-    if not urls:
-        return registry
-    mirrors = [(url, client_for(urlsplit(url).netloc, client_settings, credentials.lookup, base_url=url))
-               for url in urls]
-    return MirroredSource(mirrors, registry)
+    return source_for(ref.host, urls, client_settings, credentials.lookup, credentials.lookup_mirror)
 
 
 @dataclass(frozen=True)

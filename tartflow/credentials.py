@@ -1,7 +1,9 @@
 r"""Registry credentials the way Tart and Docker users already have them, first source wins.
 
-1. ``TART_REGISTRY_USERNAME`` / ``TART_REGISTRY_PASSWORD``, for every host, or only for
+1. ``TART_REGISTRY_USERNAME`` / ``TART_REGISTRY_PASSWORD``, for every registry host, or only for
    ``TART_REGISTRY_HOSTNAME`` when that is set (Tart's Credentials/EnvironmentCredentialsProvider).
+   A pull-through mirror is not a registry the user named: ``lookup_mirror`` gives it these
+   only when ``TART_REGISTRY_HOSTNAME`` is its own host.
 2. Docker's ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``):
    ``credHelpers.<host>``, then ``auths.<host>`` (``identitytoken``, ``auth``,
    ``username``/``password``), then ``credsStore``. Tart reads only ``auths.<host>.auth`` and
@@ -41,7 +43,7 @@ from typing import Any
 from . import keychain
 from .registry.auth import IDENTITY_TOKEN_USER, Credentials
 
-__all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup", "use"]
+__all__ = ["HELPER_TIMEOUT", "IDENTITY_TOKEN_USER", "docker_config_path", "lookup", "lookup_mirror", "use"]
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +76,17 @@ def lookup(host: str) -> Credentials | None:
     return _given.get(host) or _from_env(host) or _from_docker_config(host) or keychain.lookup(host)
 
 
-def _from_env(host: str) -> Credentials | None:
+def lookup_mirror(host: str) -> Credentials | None:
+    """Credentials for a pull-through mirror at ``host``: only those keyed by its own host.
+    ``TART_REGISTRY_USERNAME``/``PASSWORD`` without ``TART_REGISTRY_HOSTNAME`` mean "the
+    registries I pull from", never a mirror in front of them."""
+    return _given.get(host) or _from_env(host, named_only=True) or _from_docker_config(host)
+
+
+def _from_env(host: str, *, named_only: bool = False) -> Credentials | None:
     user, password = os.environ.get("TART_REGISTRY_USERNAME"), os.environ.get("TART_REGISTRY_PASSWORD")
     only = os.environ.get("TART_REGISTRY_HOSTNAME")
-    if user and password and (not only or only == host):
+    if user and password and (only == host or (not only and not named_only)):
         return Credentials(user, password)
     return None
 

@@ -5,6 +5,11 @@ be redirected to a CDN with a signed, expiring URL (ghcr.io does); the redirect 
 hand, without the registry's Authorization header, and every new attempt asks the registry for
 a fresh one. Status is checked explicitly: a 200 answer to a ranged GET means the server ignored
 the range, and the caller is told to start over rather than append at the wrong offset.
+
+Waits: every socket wait is sliced (``waits``), so Ctrl+C ends it within a second; a manifest
+(and a token, see ``auth``) must arrive whole within ``ClientSettings.exchange_deadline``, so a
+server trickling one byte a second cannot hold a pull. A redirect from https to http is refused
+unless ``insecure``: the signed URL it carries would travel in clear.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import truststore
 from ..errors import DigestMismatchError, ImageFormatError, RegistryError
 from ..manifest import MANIFEST_ACCEPT, MAX_MANIFEST_SIZE
 from ..reference import validate_digest
+from . import waits
 from .auth import CredentialLookup, RegistryAuth
 from .errors import error_from_response, error_from_transport, redact
 
@@ -53,6 +59,12 @@ class ClientSettings:
     insecure: bool = False
     connect_timeout: float = 15.0
     read_timeout: float = 60.0
+
+    @property
+    def exchange_deadline(self) -> float:
+        """Seconds a small exchange (manifest, token, error body) may take in all: a connect
+        and two stalls' worth, however the bytes trickle in."""
+        return self.connect_timeout + 2 * self.read_timeout
 
 
 @dataclass(frozen=True)
@@ -132,16 +144,26 @@ class RegistryClient:
         self.base_url = (base_url or f"{scheme}://{host}").rstrip("/")
         timeout = httpx.Timeout(self.settings.read_timeout, connect=self.settings.connect_timeout)
         limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        auth = RegistryAuth(host, credentials) if credentials else RegistryAuth(host)
         verify = tls_context()
-        common = dict(timeout=timeout, limits=limits, follow_redirects=False, verify=verify, transport=transport)
-        self._http = httpx.Client(auth=auth, **common)  # type: ignore[arg-type]
+
+        def client(**extra: object) -> httpx.Client:
+            sliced = transport or waits.transport(verify=verify, limits=limits)
+            return httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, verify=verify,
+                                transport=sliced, **extra)  # type: ignore[arg-type]
+
+        # Token requests go through a client of their own (same timeouts, no auth), so their
+        # bodies can be capped and their realm checked before anything is sent.
+        self._tokens = client()
+        auth = RegistryAuth(host, credentials or (lambda _host: None), origin=self.base_url, tokens=self._tokens,
+                            insecure=self.settings.insecure, deadline=self.settings.exchange_deadline)
+        self._http = client(auth=auth)
         # Redirect targets (CDNs) get no registry credentials.
-        self._cdn = httpx.Client(**common)  # type: ignore[arg-type]
+        self._cdn = client()
 
     def close(self) -> None:
         self._http.close()
         self._cdn.close()
+        self._tokens.close()
 
     def call(
         self, method: str, url: str, *, what: str, expect: tuple[int, ...], **kwargs: object
@@ -163,7 +185,8 @@ class RegistryClient:
         what = f"manifest {self.host}/{repository}:{reference}" if not reference.startswith("sha256:") \
             else f"manifest {self.host}/{repository}@{reference}"
         try:
-            with self._http.stream("GET", url, headers={"Accept": MANIFEST_ACCEPT}) as response:
+            with waits.exchange(self.settings.exchange_deadline), \
+                    self._http.stream("GET", url, headers={"Accept": MANIFEST_ACCEPT}) as response:
                 if response.status_code != 200:
                     raise error_from_response(response, _read_capped(response, 65536), what=what)
                 raw = _read_capped(response, MAX_MANIFEST_SIZE + 1)
@@ -195,7 +218,7 @@ class RegistryClient:
                 if response.status_code in (301, 302, 303, 307, 308):
                     location = response.headers.get("location", "")
                     response.close()
-                    url = _redirect_target(response, location, what)
+                    url = _redirect_target(response, location, what, self.settings.insecure)
                     client, from_cdn = self._cdn, True
                     continue
                 try:
@@ -222,15 +245,23 @@ class RegistryClient:
         if status == 416 and offset:
             # Our partial already holds every byte (or more): the caller verifies or restarts.
             return BlobResponse(offset, offset, None, what)
-        raise error_from_response(response, _read_capped(response, 65536), what=what, from_cdn=from_cdn)
+        with waits.exchange(self.settings.exchange_deadline):
+            body = _read_capped(response, 65536)
+        raise error_from_response(response, body, what=what, from_cdn=from_cdn)
 
 
-def _redirect_target(response: httpx.Response, location: str, what: str) -> str:
+def _redirect_target(response: httpx.Response, location: str, what: str, insecure: bool) -> str:
     if not location:
         raise RegistryError(f"{what}: redirect without a Location header", temporary=True)
-    target = response.request.url.join(location)
+    try:
+        target = response.request.url.join(location)
+    except httpx.InvalidURL:
+        raise RegistryError(f"{what}: refusing a redirect to a malformed URL") from None
     if target.scheme not in ("http", "https"):
         raise RegistryError(f"{what}: refusing redirect to {redact(target)} (not http or https)")
+    if response.request.url.scheme == "https" and target.scheme == "http" and not insecure:
+        raise RegistryError(f"{what}: refusing a redirect from https to plain-http {redact(target)} "
+                            "(the signed URL would travel in clear); use --insecure only on a trusted network")
     return str(target)
 
 

@@ -7,6 +7,13 @@ error falls through to the next. Nothing is trusted more for coming from a mirro
 sizes are verified exactly as for the registry, and the image lands in Tart's cache under its
 own name. A mirror that failed at the network level is skipped for ``COOLDOWN`` seconds so a
 dead one costs one connect timeout, not one per request.
+
+Credentials: a mirror URL never carries any (``user:password@`` is refused before anything
+runs, and the message says where they go instead). A mirror is asked with its own host's
+credentials only: a Secret block entry or Docker config keyed by ``mirror-host[:port]``, or
+``TART_REGISTRY_USERNAME``/``PASSWORD`` when ``TART_REGISTRY_HOSTNAME`` names that host. The
+registry's credentials, and environment credentials meant for "every registry", never go to a
+mirror: a plain-HTTP LAN cache that answers 401 would otherwise collect them.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from ..errors import RegistryError, TartflowError, UsageError
-from .client import BlobResponse, ManifestResponse, RegistryClient
+from .auth import CredentialLookup
+from .client import BlobResponse, ClientSettings, ManifestResponse, RegistryClient, client_for
 
-__all__ = ["COOLDOWN", "BlobSource", "MirroredSource", "parse_mirrors"]
+__all__ = ["COOLDOWN", "BlobSource", "MirroredSource", "mirror_host", "parse_mirrors", "source_for"]
 
 COOLDOWN = 60.0
 _down: dict[str, float] = {}  # mirror base URL -> monotonic time it may be tried again
@@ -52,11 +60,47 @@ def parse_mirrors(text: str | Mapping[str, Sequence[str]] | None) -> dict[str, l
         if not isinstance(host, str) or not isinstance(urls, list):
             raise UsageError(f"mirrors for {host!r} must be a list of URLs")
         for url in urls:
-            parts = urlsplit(url) if isinstance(url, str) else None
-            if parts is None or parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
-                raise UsageError(f"mirror {url!r} for {host} must be a base URL with http:// or https://")
+            _check_url(host, url)
         mirrors[host] = [url.rstrip("/") for url in urls]
     return mirrors
+
+
+def _check_url(host: str, url: object) -> None:
+    """A mirror base URL, else UsageError; a message never repeats userinfo (it is a secret)."""
+    try:
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if parts is not None:
+            parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is not None and "@" in parts.netloc:
+        bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+        where = mirror_host(bare)
+        raise UsageError(
+            f"mirror {bare} for {host} has credentials in its URL; remove them and give them by the mirror's "
+            f"host instead: `docker login {where}` (Docker config) or a Prefect Secret block entry "
+            f'{{"{where}": {{"username": ..., "password": ...}}}}'
+        )
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise UsageError(f"mirror {url!r} for {host} must be a base URL with http:// or https://")
+
+
+def mirror_host(url: str) -> str:
+    """``host[:port]`` of a mirror base URL, as credentials are keyed (never any userinfo)."""
+    return urlsplit(url).netloc.rsplit("@", 1)[-1]
+
+
+def source_for(
+    host: str, urls: Sequence[str] | None, settings: ClientSettings,
+    lookup: CredentialLookup, mirror_lookup: CredentialLookup,
+) -> BlobSource:
+    """The registry ``host`` (with ``lookup``'s credentials), behind mirrors ``urls`` when any
+    (each with ``mirror_lookup``'s credentials for its own host)."""
+    registry = client_for(host, settings, lookup)
+    if not urls:
+        return registry
+    mirrors = [(url, client_for(mirror_host(url), settings, mirror_lookup, base_url=url)) for url in urls]
+    return MirroredSource(mirrors, registry)
 
 
 class MirroredSource:

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from .. import cancel
 from ..errors import RegistryError, RetriesExhaustedError, TartflowError
+from . import waits
 
 __all__ = ["RetryPolicy", "retrying"]
 
@@ -59,7 +60,8 @@ def retrying(
     while True:
         cancel.check()
         try:
-            return attempt_fn()
+            with waits.budget(deadline):  # a manifest or token exchange ends inside retry_for
+                return attempt_fn()
         except TartflowError as exc:
             if not exc.temporary or exc.exhausted:
                 raise
