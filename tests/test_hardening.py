@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tartflow import cancel, credentials
-from tartflow.errors import InterruptedPull, RegistryError, UsageError
+from tartflow.errors import InterruptedPull, RegistryError, RetriesExhaustedError, UsageError
 from tartflow.context import PullSettings, registry_source
 from tartflow.reference import parse_reference
 from tartflow.registry import push
@@ -131,7 +131,7 @@ def test_a_hanging_token_endpoint_is_given_up_on_within_retry_for(server: Hostil
     client = RegistryClient(server.host, settings=PATIENT)
     policy = RetryPolicy(retry_for=12)
     elapsed, outcome = ended_within(HUNG, lambda: retrying(lambda: client.get_manifest("acme/vm", "v1"), policy))
-    assert isinstance(outcome, RegistryError) and getattr(outcome, "exhausted", False), outcome
+    assert isinstance(outcome, RetriesExhaustedError) and isinstance(outcome.__cause__, RegistryError), outcome
     assert elapsed < 30
 
 
