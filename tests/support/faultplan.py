@@ -90,6 +90,7 @@ class BodyFault:
     seconds: float = 0.0
     reset: bool = False
     missing: int | None = None
+    digest: str | None = None  # only a response for this blob takes it; None: the next one
 
 
 @dataclass

@@ -187,6 +187,7 @@ class FaultProxy:
             self._cdn_ttl: float | None = None
             self._cdn_host: str | None = None
             self._grants: dict[str, str | None] = {}  # signature -> Authorization
+            self._expire: dict[str, list[int]] = {}  # digest -> [grants to skip, grants to expire]
             self._rate: float | None = None
 
     def egress_503_at(self, thresholds: list[int], burst: int = 3) -> None:
@@ -223,9 +224,10 @@ class FaultProxy:
         cut, stall and short faults share one queue, used in the order they were set."""
         self._queue(count, BodyFault("cut", nbytes=nbytes, reset=reset))
 
-    def stall_after(self, nbytes: int, seconds: float, count: int = 1) -> None:
-        """Send ``nbytes`` of the body, then nothing for ``seconds``, then close."""
-        self._queue(count, BodyFault("stall", nbytes=nbytes, seconds=seconds))
+    def stall_after(self, nbytes: int, seconds: float, count: int = 1, *, digest: str | None = None) -> None:
+        """Send ``nbytes`` of the body, then nothing for ``seconds``, then close. With ``digest``,
+        only responses for that blob stall (others pass the fault by)."""
+        self._queue(count, BodyFault("stall", nbytes=nbytes, seconds=seconds, digest=digest))
 
     def short_content_length(self, count: int = 1, *, missing: int | None = None) -> None:
         """Declare the real Content-Length but close cleanly ``missing`` bytes early
@@ -246,6 +248,13 @@ class FaultProxy:
         with self._lock:
             self._cdn_ttl = ttl
             self._cdn_host = host
+
+    def expire_grants(self, digest: str, count: int = 1, *, after: int = 0) -> None:
+        """With :meth:`cdn_redirects` on: after ``after`` more redirects for ``digest``, hand out
+        ``count`` signed URLs that have already expired, so the CDN answers them ``403
+        AuthenticationFailed`` by its own signature check (a URL that expired in transit)."""
+        with self._lock:
+            self._expire[digest] = [after, count]
 
     def throttle(self, bytes_per_second: float | None) -> None:
         """Pace each blob body response to this many bytes per second (None: full speed);
@@ -301,8 +310,10 @@ class FaultProxy:
     def _plan(self, epoch: int, digest: str, start: int, length: int | None) -> Plan:
         with self._lock:
             plan = Plan(epoch, rate=self._rate)
-            if self._body_faults:
-                plan.fault = fault = self._body_faults.popleft()
+            fault = next((f for f in self._body_faults if f.digest in (None, digest)), None)
+            if fault is not None:
+                self._body_faults.remove(fault)
+                plan.fault = fault
                 if fault.kind == "short" and length is not None:
                     plan.limit = length - (fault.missing or (length + 1) // 2)
                     plan.limit = max(0, plan.limit)
@@ -343,7 +354,13 @@ class FaultProxy:
         with self._lock:
             if self._cdn_ttl is None:
                 return None
-            expiry = f"{time.time() + self._cdn_ttl:.3f}"
+            ttl, pending = self._cdn_ttl, self._expire.get(digest)
+            if pending is not None and pending[0] > 0:
+                pending[0] -= 1
+            elif pending is not None and pending[1] > 0:
+                pending[1] -= 1
+                ttl = -1.0
+            expiry = f"{time.time() + ttl:.3f}"
             sig = self._sign(digest, repo, expiry)
             self._grants[sig] = authorization
             host = self._cdn_host or self.host
