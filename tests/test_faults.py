@@ -4,7 +4,6 @@ bytes that landed in Tart's cache."""
 
 from __future__ import annotations
 
-import email.utils
 import os
 import random
 import shutil
@@ -46,19 +45,29 @@ def test_egress_503s_at_29_46_53_69_percent_finish_in_one_invocation(
 
 
 def test_429_with_retry_after_and_5xx_are_retried(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
-    when = email.utils.formatdate(time.time() + 2, usegmt=True)
-    proxy.status_burst(429, 1, retry_after="1")
-    proxy.status_burst(429, 1, retry_after=when)
+    """429s carry Retry-After in both forms, an HTTP date 3 s after the answer and 2 s; the retry
+    of each blob comes no sooner than it says (measured between the proxy's own arrivals; the
+    date has whole seconds, so it leaves at least 2 s).
+
+    Mutant it catches: ``RetryPolicy.delay`` ignoring ``retry_after`` (its jittered backoff
+    starts below 1 s), or ``parse_retry_after`` returning None for either form."""
+    proxy.status_burst(429, 1, retry_after=3.0)
+    proxy.status_burst(429, 1, retry_after="2")
     for status in (500, 502, 504):
         proxy.status_burst(status, 1)
-    started = time.monotonic()
     result = user.run("pull", "--insecure", ref_of(proxy, small_image))
     assert result.returncode == 0, result.stderr
     assert_pulled(user, proxy.host, small_image)
-    statuses = [r.status for r in proxy.requests]
+    requests, arrivals = proxy.requests, proxy.arrivals
+    statuses = [r.status for r in requests]
     assert statuses.count(429) == 2 and {500, 502, 504} <= set(statuses)
     assert "TOOMANYREQUESTS" in result.stderr
-    assert time.monotonic() - started >= 1  # Retry-After was honoured, not ignored
+    waits = []
+    for i, first in enumerate(requests):
+        if first.status == 429:
+            again = next(j for j in range(i + 1, len(requests)) if requests[j].path == first.path)
+            waits.append(arrivals[again] - arrivals[i])
+    assert waits[0] >= 1.9 and waits[1] >= 1.9, waits  # Retry-After was honoured, not ignored
     assert proxy.blob_bytes_served == fetchable_bytes(small_image)
 
 

@@ -73,6 +73,7 @@ class Canned:
     headers: list[tuple[str, str]]
     body: bytes
     remaining: int | None  # None: forever
+    retry_after_in: float | None = None  # send Retry-After as the HTTP date this long after answering
 
     def matches(self, method: str, path: str) -> bool:
         wanted = self.method in ("*", method)

@@ -157,6 +157,12 @@ class FaultProxy:
         with self._lock:
             return [RequestRecord(*entry) for entry in self._requests]
 
+    @property
+    def arrivals(self) -> list[float]:
+        """When each request of :attr:`requests` arrived (``time.monotonic()``), same order."""
+        with self._lock:
+            return list(self._arrivals)
+
     def reset_counters(self) -> None:
         """Count afresh from here, once no response is being sent. A client killed mid-body
         leaves its handler sending (and counting) one more chunk before the socket fails;
@@ -166,6 +172,7 @@ class FaultProxy:
                 raise AssertionError("fault proxy: a response was still being sent 10 s after its client left")
             self._blob_bytes = 0
             self._requests: list[list[Any]] = []
+            self._arrivals: list[float] = []  # time.monotonic() of each request, as requests
 
     def wait_idle(self, timeout: float = 2.0) -> bool:
         """Wait until no request is being answered (e.g. after a client hung up mid-body);
@@ -203,21 +210,25 @@ class FaultProxy:
         status: int,
         count: int,
         *,
-        retry_after: str | None = None,
+        retry_after: str | float | None = None,
         path_regex: str = BLOB_PATH,
         method: str = "*",
     ) -> None:
         """Answer the next ``count`` requests whose path matches with ``status`` and a
         distribution-spec error body (``TOOMANYREQUESTS`` for 429, ``UNAVAILABLE`` else).
-        ``retry_after`` is sent verbatim: delay-seconds or an HTTP-date. This is an
+        ``retry_after`` is sent verbatim (delay-seconds or an HTTP-date) when a string; a float
+        is sent as the HTTP-date that many seconds after each answer goes out. This is an
         :meth:`override`, so it comes before every other fault, including CDN redirects."""
         code = "TOOMANYREQUESTS" if status == 429 else "UNAVAILABLE"
         message = "rate limit exceeded" if status == 429 else "service unavailable"
         body = json.dumps({"errors": [{"code": code, "message": message}]}).encode()
         headers = {"Content-Type": "application/json; charset=utf-8"}
-        if retry_after is not None:
+        if isinstance(retry_after, str):
             headers["Retry-After"] = retry_after
         self.override(method, path_regex, status, headers, body, count)
+        if isinstance(retry_after, float):
+            with self._lock:
+                self._canned[-1].retry_after_in = retry_after
 
     def cut_after(self, nbytes: int, count: int = 1, *, reset: bool = False) -> None:
         """The next ``count`` blob body responses end after ``nbytes`` body bytes.
@@ -392,6 +403,7 @@ class FaultProxy:
         with self._lock:
             entry = [method, path, 0, range_, 0]
             self._requests.append(entry)
+            self._arrivals.append(time.monotonic())
             self._active += 1
             return entry
 

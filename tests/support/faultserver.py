@@ -8,6 +8,7 @@ handler only speaks HTTP: forwarding, relaying bodies byte-exactly, cutting, sta
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import http.client
 import json
 import re
@@ -102,7 +103,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             blob = re.match(BLOB_PATH, path)
             if canned is not None:
                 self._drain()
-                self._reply(canned.status, canned.headers, canned.body)
+                headers = canned.headers
+                if canned.retry_after_in is not None:
+                    when = email.utils.formatdate(time.time() + canned.retry_after_in, usegmt=True)
+                    headers = [*headers, ("Retry-After", when)]
+                self._reply(canned.status, headers, canned.body)
             elif cdn is not None:
                 self._serve_cdn(cdn["digest"], query, epoch)
             elif blob is not None and self.command == "GET" and proxy._redirects_on():
