@@ -1,0 +1,88 @@
+"""Paths of a pull that no other end-to-end test reaches (issue 20), each on the real registry
+behind the fault proxy and the real ``tartflow`` command: ``--retry-for`` running out, a store
+on another file system than Tart's cache, and a broken leftover at the VM's final path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.checks import assert_pulled, vm_dir
+from tests.support.cli import Tartflow, command
+from tests.support.faultproxy import BLOB_PATH, SERVER_BUSY_BODY, FaultProxy
+from tests.support.imagebuilder import BuiltImage
+
+
+def ref_of(proxy: FaultProxy, image: BuiltImage) -> str:
+    return f"{proxy.host}/{image.repository}:{image.tag}"
+
+
+def _one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("tartflow: error: "), result.stderr
+    return last
+
+
+def test_retry_for_runs_out_with_one_line(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
+    """Every blob GET answers 503 ServerBusy; with ``--retry-for 3s`` the pull gives up soon
+    after 3 s with one line naming the blob and the last error, and exit code 1.
+
+    Mutant it catches: the ``deadline`` check in ``registry/retry.py`` made ``if False``
+    (retries never give up: the command outlives the 90 s timeout)."""
+    proxy.override("GET", BLOB_PATH, 503, {"Content-Type": "application/xml", "x-ms-error-code": "ServerBusy"},
+                   SERVER_BUSY_BODY, None)
+    started = time.monotonic()
+    result = user.run("pull", "--insecure", "--retry-for", "3s", ref_of(proxy, small_image), timeout=90)
+    elapsed = time.monotonic() - started
+    last = _one_line_failure(result)
+    assert "ServerBusy" in last and "503" in last, last
+    assert elapsed < 60, elapsed
+    busy = [r for r in proxy.requests if r.status == 503]
+    assert len(busy) >= 2  # it did retry before giving up
+    assert not vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest).exists()
+
+
+def test_store_on_another_file_system_is_refused(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    """``TARTFLOW_HOME`` on tmpfs, Tart's cache on the test's disk: installing would need a copy,
+    not a rename, so the pull refuses with one line saying what to set, and leaves nothing at
+    the final path.
+
+    Mutant it catches: the ``st_dev`` comparison in ``TartCache.install`` removed (the rename
+    fails with EXDEV and a raw OSError, or a half-copied VM lands in Tart's cache)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system here (/dev/shm on the same device as the test's tmp dir)")
+    with tempfile.TemporaryDirectory(dir=shm) as store:
+        env = user.env()
+        env["TARTFLOW_HOME"] = store
+        result = subprocess.run([*command(), "pull", "--insecure", ref_of(proxy, small_image)], env=env,
+                                capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        last = _one_line_failure(result)
+        assert "different file systems" in last and "TARTFLOW_HOME" in last, last
+        assert not vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest).exists()
+
+
+def test_install_over_a_broken_leftover_directory(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
+) -> None:
+    """A directory at the VM's final path that is not a VM (a crash of another tool mid-copy)
+    is replaced, as Tart itself would discard it; the tag then points at the new VM.
+
+    Mutant it catches: ``TartCache.install`` no longer removing a non-VM leftover (the rename
+    onto a non-empty directory fails)."""
+    target = vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest)
+    target.mkdir(parents=True)
+    (target / "disk.img").write_bytes(b"half a disk")
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    assert os.readlink(target.parent / small_image.tag) == str(target)
