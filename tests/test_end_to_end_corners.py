@@ -1,6 +1,7 @@
 """Paths of a pull that no other end-to-end test reaches (issue 20), each on the real registry
 behind the fault proxy and the real ``tartflow`` command: ``--retry-for`` running out, a store
-on another file system than Tart's cache, and a broken leftover at the VM's final path."""
+on another file system than Tart's cache, a broken leftover at the VM's final path, and gc of
+what a killed pull leaves (staging VM, checkpoints, blobs)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.checks import assert_pulled, vm_dir
+from tests.checks import assert_pulled, vm_dir, wait_for
 from tests.support.cli import Tartflow, command
 from tests.support.faultproxy import BLOB_PATH, SERVER_BUSY_BODY, FaultProxy
 from tests.support.imagebuilder import BuiltImage
@@ -86,3 +87,34 @@ def test_install_over_a_broken_leftover_directory(
     assert result.returncode == 0, result.stderr
     assert_pulled(user, proxy.host, small_image)
     assert os.readlink(target.parent / small_image.tag) == str(target)
+
+
+def test_gc_collects_staging_vms_checkpoints_and_orphan_blobs(
+    user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage
+) -> None:
+    """A pull killed mid-way leaves a staging VM, its checkpoints and committed blobs; a blob no
+    staging VM lists lies beside them. ``gc --older-than 0`` frees all of it (the existing gc
+    test only sees partial downloads), and the next pull still lands the image.
+
+    Mutants it catches: ``gc.collect`` skipping the staging VM, keeping its ``.state`` (the
+    checkpoints), or leaving committed blobs no staging VM lists."""
+    proxy.throttle(500_000)
+    staging = user.store / "staging" / medium_image.manifest_digest.split(":")[1]
+    state = staging.with_name(staging.name + ".state")
+    proc = user.start("pull", "--insecure", ref_of(proxy, medium_image))
+    wait_for(lambda: any(state.glob("layer-*.checkpoint-*")) and any(user.store.glob("blobs/sha256/*")), 60, proc)
+    proc.kill()
+    proc.communicate(timeout=10)
+    orphan = user.store / "blobs" / "sha256" / ("0" * 64)
+    orphan.write_bytes(b"left by an image nobody pulls any more")
+    blobs = sorted(user.store.glob("blobs/sha256/*"))
+    assert staging.is_dir() and any(state.glob("layer-*.checkpoint-*")) and len(blobs) >= 2
+    result = user.run("gc", "--older-than", "0")
+    assert result.returncode == 0, result.stderr
+    assert not staging.exists() and not state.exists(), result.stdout
+    assert not any(p.exists() for p in blobs), result.stdout
+    assert "staging VM" in result.stdout and f"blob {'0' * 12}" in result.stdout, result.stdout
+    proxy.clear_faults()
+    again = user.run("pull", "--insecure", ref_of(proxy, medium_image))
+    assert again.returncode == 0, again.stderr
+    assert_pulled(user, proxy.host, medium_image)
