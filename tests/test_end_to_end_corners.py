@@ -11,9 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.checks import assert_pulled, vm_dir, wait_for
+from tests.checks import assert_pulled, fetchable_bytes, partial, vm_dir, wait_for
 from tests.support.cli import Tartflow, command
 from tests.support.faultproxy import BLOB_PATH, SERVER_BUSY_BODY, FaultProxy
 from tests.support.imagebuilder import BuiltImage
@@ -118,3 +119,25 @@ def test_gc_collects_staging_vms_checkpoints_and_orphan_blobs(
     again = user.run("pull", "--insecure", ref_of(proxy, medium_image))
     assert again.returncode == 0, again.stderr
     assert_pulled(user, proxy.host, medium_image)
+
+
+def test_a_compressed_partial_resumes_on_the_wire(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
+    """A disk layer's partial holds its first compressed bytes (an earlier run kept them on
+    disk): the pull asks the registry for the rest only, with a Range, then decodes the whole
+    layer from the partial plus the rest. Only MockTransport tests reached this before.
+
+    Mutant it catches: ``_Download._rehash`` (the kept-partial strategy) discarding any partial
+    instead of only one longer than the blob (no Range; the layer moves again from 0)."""
+    layer = small_image.disk_layers[1]
+    whole = httpx.get(f"{proxy.upstream_url}/v2/{small_image.repository}/blobs/{layer['digest']}").content
+    assert len(whole) == layer["size"]
+    kept = layer["size"] // 2
+    held = partial(user, layer["digest"])
+    held.parent.mkdir(parents=True)
+    held.write_bytes(whole[:kept])
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    gets = [r for r in proxy.requests if r.method == "GET" and layer["digest"] in r.path]
+    assert [(r.range_header, r.status, r.bytes_sent) for r in gets] == [(f"bytes={kept}-", 206, layer["size"] - kept)]
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image) - kept
