@@ -5,6 +5,7 @@ what a killed pull leaves (staging VM, checkpoints, blobs)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -17,7 +18,8 @@ import pytest
 from tests.checks import assert_pulled, fetchable_bytes, partial, vm_dir, wait_for
 from tests.support.cli import Tartflow, command
 from tests.support.faultproxy import BLOB_PATH, SERVER_BUSY_BODY, FaultProxy
-from tests.support.imagebuilder import BuiltImage
+from tests.support.imagebuilder import OCI_MANIFEST, BuiltImage, push_raw_manifest
+from tests.support.registry import Registry
 
 
 def ref_of(proxy: FaultProxy, image: BuiltImage) -> str:
@@ -141,3 +143,51 @@ def test_a_compressed_partial_resumes_on_the_wire(user: Tartflow, proxy: FaultPr
     gets = [r for r in proxy.requests if r.method == "GET" and layer["digest"] in r.path]
     assert [(r.range_header, r.status, r.bytes_sent) for r in gets] == [(f"bytes={kept}-", 206, layer["size"] - kept)]
     assert proxy.blob_bytes_served == fetchable_bytes(small_image) - kept
+
+
+def _stage_blob(user: Tartflow, proxy: FaultProxy, image: BuiltImage, digest: str) -> Path:
+    """Put blob ``digest`` into the store as committed, as a pull that kept it (a layer shared
+    with another image being pulled) leaves it: verify-digest then decodes it from there."""
+    data = httpx.get(f"{proxy.upstream_url}/v2/{image.repository}/blobs/{digest}").content
+    blob = user.store / "blobs" / "sha256" / digest.split(":")[1]
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    return blob
+
+
+def test_verify_decodes_a_layer_from_the_store(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
+    """A disk layer already committed in the store is not fetched: verify-digest decodes it
+    from the stored blob (``disk.decode_layer``), the path no other end-to-end test reaches.
+
+    Mutant it catches: ``LayerDecoder.feed`` dropping a chunk (``disk.decode_layer`` skipping
+    its first read): the layer's content digest no longer matches and the pull fails."""
+    layer = small_image.disk_layers[2]
+    _stage_blob(user, proxy, small_image, layer["digest"])
+    result = user.run("pull", "--insecure", ref_of(proxy, small_image))
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    assert not [r for r in proxy.requests if r.method == "GET" and layer["digest"] in r.path]
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image) - layer["size"]
+
+
+def test_verify_refuses_a_stored_layer_that_decodes_wrong(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, registry: Registry
+) -> None:
+    """The same decode from the store, of an image whose manifest states a wrong content digest
+    for that layer: one line saying the image is corrupt, and the stored blob is dropped so
+    nothing unverified lingers; nothing lands in Tart's cache.
+
+    Mutant it catches: ``LayerDecoder.finish`` not comparing the content digest (the pull
+    installs a VM whose disk does not match its manifest)."""
+    manifest = json.loads(small_image.manifest_bytes)
+    layer = manifest["layers"][next(i for i, d in enumerate(manifest["layers"])
+                                     if d["digest"] == small_image.disk_layers[2]["digest"])]
+    layer["annotations"]["org.cirruslabs.tart.uncompressed-content-digest"] = "sha256:" + "e" * 64
+    raw = json.dumps(manifest).encode()
+    digest = push_raw_manifest(registry.url, small_image.repository, "bad-content", raw, OCI_MANIFEST)
+    blob = _stage_blob(user, proxy, small_image, layer["digest"])
+    result = user.run("pull", "--insecure", f"{proxy.host}/{small_image.repository}:bad-content")
+    last = _one_line_failure(result)
+    assert "corrupt" in last, last
+    assert not blob.exists()
+    assert not vm_dir(user, proxy.host, small_image.repository, digest).exists()
