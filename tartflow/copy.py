@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cancel
-from .errors import DigestMismatchError, ImageFormatError, RegistryError
-from .manifest import OCI_INDEX, DOCKER_LIST, Descriptor, media_type_of, parse_manifest
-from .progress import reporter
 from .context import PullContext
+from .errors import DigestMismatchError, ImageFormatError, RegistryError
+from .manifest import DOCKER_LIST, OCI_INDEX, Descriptor, media_type_of, parse_manifest
+from .progress import reporter
 from .reference import digest_hex, parse_reference
 from .registry import push
 from .registry.client import RegistryClient
@@ -33,9 +33,13 @@ from .store import atomic_write
 
 __all__ = ["CHUNK", "CopyReport", "copy_image"]
 
-#: Bytes per PATCH, the unit a failed copy can lose; ``$TARTFLOW_COPY_CHUNK`` (bytes) overrides
-#: it for links that drop often.
-CHUNK = int(os.environ.get("TARTFLOW_COPY_CHUNK") or 64 * 1024 * 1024)
+#: Bytes per PATCH, the unit a failed copy can lose; ``$TARTFLOW_COPY_CHUNK`` (bytes, read when
+#: a blob is sent, not at import) overrides it for links that drop often.
+CHUNK = 64 * 1024 * 1024
+
+
+def _chunk_size() -> int:
+    return int(os.environ.get("TARTFLOW_COPY_CHUNK") or CHUNK)
 
 
 @dataclass
@@ -114,9 +118,9 @@ class _Upload:
         with self.src.open_blob(self.src_repo, self.desc.digest, offset) as blob:
             if blob.start != offset:  # the source ignored our range: restart with a new session
                 session, offset = push.start_upload(self.dst, self.dst_repo), 0
-            chunks = _Bounded(blob.iter_bytes(), self.desc.size - offset)
+            chunks, size = _Bounded(blob.iter_bytes(), self.desc.size - offset), _chunk_size()
             while not chunks.exhausted:
-                session = push.append(self.dst, session, chunks.take(CHUNK))
+                session = push.append(self.dst, session, chunks.take(size))
                 atomic_write(self.saved, session.encode())
                 self.sent += chunks.last_taken
         return session

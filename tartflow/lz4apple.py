@@ -10,6 +10,7 @@ own is wrong on real images. Block format: https://github.com/lz4/lz4/blob/dev/d
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import re
 import struct
@@ -64,9 +65,12 @@ def _with_prefix(block: memoryview, prefix: Chunk) -> bytes:
     return b"".join((head, prefix, block[end:]))
 
 
-def _load_native() -> Any:
+@functools.cache
+def _native() -> Any:
     """``LZ4_decompress_safe_usingDict`` of the liblz4 that python-lz4 compiles into its own
     extension (so the same code as ``lz4.block``), if that exports it and passes a self-test.
+    Loaded and tested once, by the first decoder made (never at import); each decoder keeps
+    what it got, so the per-block path pays no lookup.
 
     python-lz4's ``decompress`` mallocs the output, decodes without the GIL, then copies the
     output into a new ``bytes`` with the GIL held. For a layer that is a second copy of every
@@ -98,8 +102,6 @@ def _native_works(function: Any) -> bool:
         native.unpin(pinned)
     return n == len(data) - WINDOW and out.raw == data
 
-
-_NATIVE = _load_native()
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ class AppleLZ4Decoder:
         self._reuse = False  # decode into _scratch: chunks go to a sink, which keeps none
         self._scratch: ctypes.Array[ctypes.c_char] | None = None  # window, then a block's output
         self._scratch_view = memoryview(b"")
+        self._native = _native()  # liblz4 called directly, or None: lz4.block.decompress
 
     @property
     def decoded(self) -> int:
@@ -305,7 +308,7 @@ class AppleLZ4Decoder:
                 if n - i < 12 + esize:
                     break
                 block = src[i + 12 : i + 12 + esize]
-                if _NATIVE is not None:
+                if self._native is not None:
                     self._emit(self._decode_native(block, dsize, at), emit, transient=self._reuse)
                 else:
                     self._emit(self._decompress(block, dsize, at), emit)
@@ -350,7 +353,7 @@ class AppleLZ4Decoder:
         view[start:WINDOW] = window
         pinned = native.pin(block)
         try:
-            n = _NATIVE(pinned.buf, base + WINDOW, pinned.len, size, base + start, len(window))
+            n = self._native(pinned.buf, base + WINDOW, pinned.len, size, base + start, len(window))
         finally:
             native.unpin(pinned)
         if n < 0:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 from typing import Any
 
@@ -34,7 +35,9 @@ __all__ = ["drop", "start_writeback"]
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def _load_sync_file_range() -> Any:
+@functools.cache
+def _sync_file_range() -> Any:
+    """libc's ``sync_file_range``, looked up on first use (so importing loads no library)."""
     try:
         function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
     except (OSError, AttributeError, TypeError):  # not Linux: no such call
@@ -44,14 +47,14 @@ def _load_sync_file_range() -> Any:
     return function
 
 
-_SYNC_FILE_RANGE = _load_sync_file_range()
 _FADVISE = getattr(os, "posix_fadvise", None) if hasattr(os, "POSIX_FADV_DONTNEED") else None
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Queue ``length`` bytes at ``offset`` for writing to the device; does not wait."""
-    if _SYNC_FILE_RANGE is not None and length > 0:
-        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+    function = _sync_file_range()
+    if function is not None and length > 0:
+        function(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def drop(fd: int, offset: int, length: int) -> None:

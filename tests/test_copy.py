@@ -43,6 +43,11 @@ def test_copy_seeds_a_registry_then_skips_what_it_has(
     assert again.returncode == 0 and proxy.blob_bytes_served == 0, again.stderr
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "found by this test (issue 20): neither the run after the kill nor the retry after a cut "
+    "asks the source for a Range; the proxy's records show the interrupted blob fetched again "
+    "from 0 (1.87 MB wasted with 256 KiB chunks). Also push.uploaded_bytes reads an empty "
+    "session's 'Range: 0-0' as 1 byte held. Core fix needed in tartflow/copy.py / registry/push.py"))
 def test_interrupted_copy_resumes_from_the_last_chunk(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, lan_registry: Registry
 ) -> None:
@@ -61,7 +66,14 @@ def test_interrupted_copy_resumes_from_the_last_chunk(
     result = user.run("copy", "--insecure", src, dst, TARTFLOW_COPY_CHUNK=chunk)
     assert result.returncode == 0, result.stderr
     assert _manifest_digest(lan_registry, "seed/resume", small_image.tag) == small_image.manifest_digest
-    assert first + proxy.blob_bytes_served <= small_image.total_compressed * 1.25
+    # Copies go one blob at a time: the kill loses at most the chunk in flight of one blob, and
+    # the cut at most one chunk more; a resumed blob asks the source for the rest only.
+    # (Mutant: Transfer._session ignoring the saved session, so an interrupted blob starts over
+    # from 0: a layer of this image is several chunks, so the waste exceeds the allowance.)
+    wasted = first + proxy.blob_bytes_served - small_image.total_compressed
+    assert wasted <= 3 * int(chunk), wasted
+    resumed = [r for r in proxy.requests if r.range_header and "/blobs/" in r.path]
+    assert resumed, "no blob was resumed with a Range request"
 
 
 def _renamed(image: BuiltImage, repository: str) -> BuiltImage:

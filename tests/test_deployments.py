@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
 from tests.checks import fetchable_bytes
+from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer, prefect_env
@@ -191,13 +191,37 @@ def test_nightly_deployment_carries_its_cron_schedule(fleet: Fleet) -> None:
     assert fleet.python(code).split() == ["0", "3", "*", "*", "*", "UTC", "True", "control", "mac-runners"]
 
 
-def test_pull_runs_publish_a_layer_table(fleet: Fleet) -> None:
+def test_pull_runs_publish_a_layer_table(fleet: Fleet, registry: Registry, tmp_path: Path) -> None:
+    """A prewarm of an image no runner has publishes, per runner, a pull table whose rows are
+    the image's blobs each fetched in full, and a prewarm table with every runner COMPLETED.
+    Runs its own prewarm, so it passes alone. Mutant it catches: ``flows.pull._publish``
+    reporting ``reused`` or ``resumed_from`` as ``fetched`` (the fetched column reads 0)."""
+    _wait_for_live_runners(fleet)
+    disk = tmp_path / "artifact.img"
+    make_disk(disk, 4 * 1024 * 1024, seed=11)
+    image = build_and_push(registry.url, "fleet/artifacts", "v1", disk, layer_size=2 * 1024 * 1024,
+                           block_sizes=SMALL_BLOCK_SIZES, stored=_small_stored)
+    _prewarm(fleet, image)
     code = (
+        "import json\n"
         "from prefect.client.orchestration import get_client\n"
         "from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey\n"
         "with get_client(sync_client=True) as c:\n"
         "    arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=['tartflow-pull', 'tartflow-prewarm'])))\n"
-        "    print('\\n'.join(f'{a.key} {a.type}' for a in arts))\n"
+        "    print(json.dumps([{'key': a.key, 'type': a.type, 'description': a.description, 'data': a.data} for a in arts]))\n"
     )
-    kinds = set(fleet.python(code).split("\n"))
-    assert {"tartflow-pull table", "tartflow-prewarm table"} <= kinds
+    arts = json.loads(fleet.python(code))
+    ref = f"{fleet.proxy.host}/{image.repository}:{image.tag}"
+    pulls = [a for a in arts if a["key"] == "tartflow-pull" and ref in (a["description"] or "")]
+    assert len(pulls) == len(RUNNERS) and all(a["type"] == "table" for a in pulls)
+    blobs = {d["digest"][:19]: round(d["size"] / 1e6, 2) for d in image.layers}
+    for art in pulls:
+        rows = json.loads(art["data"]) if isinstance(art["data"], str) else art["data"]
+        assert {row["blob"] for row in rows} == set(blobs)
+        assert all(row["size MB"] == blobs[row["blob"]] == row["fetched MB"] for row in rows), rows
+        assert all(row["reused MB"] == 0 and row["already on disk MB"] == 0 for row in rows), rows
+    prewarms = [a for a in arts if a["key"] == "tartflow-prewarm" and a["type"] == "table"]
+    rows = [row for a in prewarms for row in (json.loads(a["data"]) if isinstance(a["data"], str) else a["data"])
+            if row["image"] == ref]
+    assert sorted(row["runner"] for row in rows) == sorted(RUNNERS)
+    assert all(row["state"] == "COMPLETED" for row in rows), rows

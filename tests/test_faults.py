@@ -4,7 +4,6 @@ bytes that landed in Tart's cache."""
 
 from __future__ import annotations
 
-import email.utils
 import os
 import random
 import shutil
@@ -14,14 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import filelock
 import pytest
 
-from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
 from tests.checks import assert_pulled, done_layers, fetchable_bytes, resumable, wait_for
+from tests.conftest import SMALL_BLOCK_SIZES, _small_stored
 from tests.support.cli import Tartflow
-from tests.support.faultproxy import FaultProxy
+from tests.support.faultproxy import AUTH_FAILED_BODY, FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push
 
 
@@ -45,19 +45,29 @@ def test_egress_503s_at_29_46_53_69_percent_finish_in_one_invocation(
 
 
 def test_429_with_retry_after_and_5xx_are_retried(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
-    when = email.utils.formatdate(time.time() + 2, usegmt=True)
-    proxy.status_burst(429, 1, retry_after="1")
-    proxy.status_burst(429, 1, retry_after=when)
+    """429s carry Retry-After in both forms, an HTTP date 3 s after the answer and 2 s; the retry
+    of each blob comes no sooner than it says (measured between the proxy's own arrivals; the
+    date has whole seconds, so it leaves at least 2 s).
+
+    Mutant it catches: ``RetryPolicy.delay`` ignoring ``retry_after`` (its jittered backoff
+    starts below 1 s), or ``parse_retry_after`` returning None for either form."""
+    proxy.status_burst(429, 1, retry_after=3.0)
+    proxy.status_burst(429, 1, retry_after="2")
     for status in (500, 502, 504):
         proxy.status_burst(status, 1)
-    started = time.monotonic()
     result = user.run("pull", "--insecure", ref_of(proxy, small_image))
     assert result.returncode == 0, result.stderr
     assert_pulled(user, proxy.host, small_image)
-    statuses = [r.status for r in proxy.requests]
+    requests, arrivals = proxy.requests, proxy.arrivals
+    statuses = [r.status for r in requests]
     assert statuses.count(429) == 2 and {500, 502, 504} <= set(statuses)
     assert "TOOMANYREQUESTS" in result.stderr
-    assert time.monotonic() - started >= 1  # Retry-After was honoured, not ignored
+    waits = []
+    for i, first in enumerate(requests):
+        if first.status == 429:
+            again = next(j for j in range(i + 1, len(requests)) if requests[j].path == first.path)
+            waits.append(arrivals[again] - arrivals[i])
+    assert waits[0] >= 1.9 and waits[1] >= 1.9, waits  # Retry-After was honoured, not ignored
     assert proxy.blob_bytes_served == fetchable_bytes(small_image)
 
 
@@ -99,16 +109,33 @@ def test_corrupt_blob_on_every_attempt_fails_with_one_line(
 def test_expired_cdn_redirect_goes_back_to_the_registry(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
 ) -> None:
+    """A disk layer's CDN stream stalls past its signature's 1 s life, and the redirect the
+    registry hands out next has expired in transit (the CDN answers 403 AuthenticationFailed);
+    each new attempt asks the registry for a fresh redirect, and no signed query is ever shown.
+
+    Mutants it catches: ``open_blob`` going back to the last CDN URL instead of the registry
+    (the retry after the stall gets the proxy's real 403 for an expired signature, every time);
+    ``error_from_response`` treating a CDN 403 as permanent (the pull fails); ``redact`` keeping
+    the query string (``sig=`` appears in stderr)."""
+    layer = small_image.disk_layers[0]
+    digest = layer["digest"]
     proxy.cdn_redirects(ttl=1.0)
-    proxy.stall_after(100_000, seconds=30, count=1)  # first CDN stream stalls past its signature
+    proxy.stall_after(100_000, seconds=30, digest=digest)  # the disk layer, not the small config
+    proxy.expire_grants(digest, after=1)  # the first redirect is good, the second expired
     result = user.run("pull", "--insecure", ref_of(proxy, small_image), TARTFLOW_READ_TIMEOUT="2")
     assert result.returncode == 0, result.stderr
     assert_pulled(user, proxy.host, small_image)
-    cdn = [r for r in proxy.requests if r.path.startswith("/cdn/")]
-    assert cdn and all(r.status in (200, 206) for r in cdn), "an expired signed URL was reused"
-    assert "sig=" not in result.stderr and "se=" not in result.stderr  # signed URLs shown without their query
-    registry_hits = [r for r in proxy.requests if "/blobs/" in r.path and r.status == 307]
-    assert len(registry_hits) > len(small_image.disk_layers)  # the retry asked for a fresh redirect
+    gets = [r for r in proxy.requests if r.method == "GET" and digest in r.path]
+    steps = ["cdn" if r.path.startswith("/cdn/") else r.status for r in gets]
+    assert steps == [307, "cdn", 307, "cdn", 307, "cdn"], gets  # a fresh redirect before each CDN GET
+    stalled, expired, finished = (r for r in gets if r.path.startswith("/cdn/"))
+    assert stalled.status in (200, 206) and stalled.bytes_sent == 100_000  # the stall happened
+    assert expired.status == 403 and expired.bytes_sent == len(AUTH_FAILED_BODY)
+    assert finished.status in (200, 206) and stalled.bytes_sent + finished.bytes_sent >= layer["size"]
+    signatures = {parse_qs(urlsplit(r.path).query)["sig"][0] for r in (stalled, expired, finished)}
+    assert len(signatures) == 3  # no signed URL was used twice
+    assert "/cdn/" in result.stderr and "AuthenticationFailed" in result.stderr  # the URL was shown...
+    assert "sig=" not in result.stderr and "se=" not in result.stderr  # ...without its query
 
 
 @pytest.mark.parametrize(("sig", "at"), [(signal.SIGINT, 0.40), (signal.SIGTERM, 0.55)])

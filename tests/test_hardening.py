@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tartflow import cancel, credentials
-from tartflow.errors import InterruptedPull, RegistryError, RetriesExhaustedError, UsageError
 from tartflow.context import PullSettings, registry_source
+from tartflow.errors import InterruptedPull, RegistryError, RetriesExhaustedError, UsageError
 from tartflow.reference import parse_reference
 from tartflow.registry import push
 from tartflow.registry.auth import Credentials

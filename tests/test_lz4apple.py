@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import struct
 import tracemalloc
-from collections.abc import Iterator
 
 import lz4.block
 import pytest
@@ -16,22 +15,25 @@ from tartflow import lz4apple
 from tartflow.errors import CorruptLayerError
 from tartflow.lz4apple import WINDOW, AppleLZ4Decoder, encode, encode_bytes
 
-# The implementation fixture below is the same for every example of a property test.
+# The decoder_path fixture below is the same for every example of a property test.
 FUZZ = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
-NATIVE = lz4apple._NATIVE
+NATIVE = lz4apple._native()
 
 
-@pytest.fixture(autouse=True, params=["native", "python-lz4"])
-def implementation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test runs with liblz4 called directly (what pulls use) and with python-lz4's
-    ``decompress`` (the fallback where the direct call is unavailable)."""
-    lz4apple._NATIVE = NATIVE if request.param == "native" else None
-    try:
-        yield request.param
-    finally:
-        lz4apple._NATIVE = NATIVE
+@pytest.fixture(params=["native", "python-lz4"])
+def decoder_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with liblz4 called directly (what pulls use) and with python-lz4's
+    ``decompress`` (the fallback where the direct call is unavailable). Only tests that decode
+    LZ4 blocks take both (``@both``): header checks, size limits and the encoder take the same
+    path either way and run once, on the native one."""
+    if request.param == "python-lz4":
+        monkeypatch.setattr(lz4apple, "_native", lambda: None)
+    return str(request.param)
+
+
+both = pytest.mark.usefixtures("decoder_path")
 
 
 def test_liblz4_is_called_directly_here() -> None:
@@ -132,6 +134,7 @@ def _corrupt(frame: bytes, expected: int, *, chunk: int = 7) -> CorruptLayerErro
 # -- round trips -------------------------------------------------------------------------------
 
 
+@both
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
 def test_round_trip_mixed_data_uneven_and_stored_blocks(seed: int, kind: type) -> None:
@@ -144,6 +147,7 @@ def test_round_trip_mixed_data_uneven_and_stored_blocks(seed: int, kind: type) -
     assert _decode(frame, len(data), rng, kind) == data
 
 
+@both
 @pytest.mark.parametrize("kind", [bytes, bytearray])
 def test_sink_gets_every_block_as_it_is_decoded(kind: type) -> None:
     rng = random.Random(7)
@@ -158,6 +162,7 @@ def test_sink_gets_every_block_as_it_is_decoded(kind: type) -> None:
     assert max(map(len, got)) <= 100_003  # one block at a time, never a feed's worth
 
 
+@both
 @pytest.mark.parametrize("seed", range(6))
 def test_a_decoder_resumed_from_a_snapshot_goes_on_exactly(seed: int) -> None:
     """Cut anywhere (inside a header, a compressed block, a stored block), a snapshot plus the
@@ -181,6 +186,7 @@ def test_a_decoder_resumed_from_a_snapshot_goes_on_exactly(seed: int) -> None:
         AppleLZ4Decoder.resumed(len(data), state, window[1:] if window else b"x", out.extend)
 
 
+@both
 @pytest.mark.parametrize("seed", range(6))
 def test_a_sink_that_fails_leaves_a_state_to_resume_from(seed: int) -> None:
     """A full disk fails the sink on some block: the decoder keeps that block and the rest of
@@ -216,6 +222,7 @@ def test_a_sink_that_fails_leaves_a_state_to_resume_from(seed: int) -> None:
     assert bytes(out) == data
 
 
+@both
 def test_one_byte_at_a_time() -> None:
     data = _mixed(random.Random(7), 40_000)
     frame = encode_bytes(data, block_sizes=[5000, 17, 9000], stored=lambda i: i % 3 == 2)
@@ -226,6 +233,7 @@ def test_one_byte_at_a_time() -> None:
     assert b"".join(out) == data
 
 
+@both
 @FUZZ
 @given(
     parts=st.lists(st.tuples(st.binary(min_size=1, max_size=200), st.integers(1, 300)), max_size=6),
@@ -248,6 +256,7 @@ def test_empty_stream_and_encode_pieces() -> None:
     assert len(pieces) == 4 and pieces[-1] == b"bv4$"
 
 
+@both
 def test_chunks_survive_reuse_of_a_mutable_input_buffer() -> None:
     data = _mixed(random.Random(3), 300_000)
     frame = encode_bytes(data, block_size=50_000, stored=lambda i: i % 2 == 0)
@@ -264,6 +273,7 @@ def test_chunks_survive_reuse_of_a_mutable_input_buffer() -> None:
 # -- the window runs across blocks -------------------------------------------------------------
 
 
+@both
 @pytest.mark.parametrize("first_kind", ["stored", "compressed"])
 @pytest.mark.parametrize("first_size", [4, 40, 70_000])
 @pytest.mark.parametrize("lead", [0, 11, 14, 15, 600])
@@ -352,6 +362,7 @@ def test_less_output_than_expected() -> None:
     _corrupt(_FRAME, len(_DATA) + 1)
 
 
+@both
 def test_lz4_block_shorter_than_its_header_says() -> None:
     raw = b"0123456789" * 100
     body = lz4.block.compress(raw, store_size=False)
@@ -393,6 +404,7 @@ def test_bomb_headers_fail_before_allocating(frame: bytes, expected: int, limit:
     assert peak < 1 << 20
 
 
+@both
 def test_flipped_byte_inside_an_lz4_block() -> None:
     start = next(at for magic, _, _, at in _blocks(_FRAME) if magic == b"bv41")
     frame = bytearray(_FRAME)
@@ -400,6 +412,7 @@ def test_flipped_byte_inside_an_lz4_block() -> None:
     assert "LZ4 block" in str(_corrupt(bytes(frame), len(_DATA)))
 
 
+@both
 def test_every_single_byte_flip_is_caught_or_keeps_the_size() -> None:
     data = b"".join(b"%d," % (i * i % 1000) for i in range(3000))
     frame = encode_bytes(data, block_size=2000)
@@ -414,6 +427,7 @@ def test_every_single_byte_flip_is_caught_or_keeps_the_size() -> None:
     assert caught > len(frame) // 4
 
 
+@both
 def test_memory_stays_bounded_on_a_long_stream() -> None:
     data = _mixed(random.Random(2), 24 << 20)
     frame = encode_bytes(data, block_size=256 << 10)
@@ -447,6 +461,7 @@ _block = st.one_of(
 )
 
 
+@both
 @FUZZ
 @given(
     blocks=st.lists(_block, max_size=8),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 from hypothesis import HealthCheck, given, settings
@@ -59,8 +58,34 @@ def test_any_bytes_as_a_manifest(raw: bytes) -> None:
     assert all(layer.uncompressed_size >= 0 for layer in image.disk_layers)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps({"manifests": v}).encode())))
+platforms = st.one_of(
+    st.none(),
+    st.fixed_dictionaries({"os": st.sampled_from(["darwin", "linux", "windows"]),
+                           "architecture": st.sampled_from(["arm64", "amd64", "arm"])}),
+)
+index_entries = st.fixed_dictionaries(
+    {"mediaType": st.just("application/vnd.oci.image.manifest.v1+json"),
+     "digest": st.sampled_from([DIGEST, "sha256:" + "b" * 64, "sha256:" + "c" * 64, "sha256:../x"]),
+     "size": st.integers(min_value=-1, max_value=10_000)},
+    optional={"platform": platforms},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300),
+                 json_values.map(lambda v: json.dumps({"manifests": v}).encode()),
+                 st.lists(index_entries, max_size=5).map(lambda v: json.dumps({"manifests": v}).encode())))
 def test_any_bytes_as_an_index(raw: bytes) -> None:
-    with contextlib.suppress(TartflowError):
-        pick_from_index(raw)
+    """Whatever the index, the pick is the first darwin/arm64 entry, else the only entry, else
+    a one-line ImageFormatError. Mutants it catches: ``pick_from_index`` returning the first
+    entry whatever its platform, or refusing a lone entry without a platform."""
+    try:
+        picked = pick_from_index(raw)
+    except TartflowError as exc:
+        assert "\n" not in str(exc)
+        return
+    entries = [e for e in json.loads(raw)["manifests"]]
+    mac = [e for e in entries if (e.get("platform") or {}) == {"os": "darwin", "architecture": "arm64"}]
+    expected = mac[0] if mac else entries[0]
+    assert len(mac) > 0 or len(entries) == 1
+    assert (picked.digest, picked.size, picked.platform) == (expected["digest"], expected["size"], expected.get("platform"))

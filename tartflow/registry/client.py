@@ -14,6 +14,7 @@ unless ``insecure``: the signed URL it carries would travel in clear.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -41,12 +42,17 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # httpcore reads the socket 64 KiB at a time, and each read costs a round of Python (h11
 # event, write, hash, progress) holding the GIL. 1 MiB reads moved one 256 MB blob at 649
 # instead of 432 MB/s with 30% less CPU here. httpx has no setting for it, so the class
-# attribute is raised once (only ever upwards, only if it still exists).
+# attribute is raised once, when the first client is made (only ever upwards, only if it still
+# exists), so importing tartflow patches nothing.
 _READ_SIZE = 1024 * 1024
-_HTTP11 = getattr(getattr(httpcore, "_sync", None), "http11", None)
-if _HTTP11 is not None and getattr(_HTTP11.HTTP11Connection, "READ_NUM_BYTES", _READ_SIZE) < _READ_SIZE:
-    _HTTP11.HTTP11Connection.READ_NUM_BYTES = _READ_SIZE
 _MAX_REDIRECTS = 5
+
+
+@functools.cache
+def _raise_read_size() -> None:
+    http11 = getattr(getattr(httpcore, "_sync", None), "http11", None)
+    if http11 is not None and getattr(http11.HTTP11Connection, "READ_NUM_BYTES", _READ_SIZE) < _READ_SIZE:
+        http11.HTTP11Connection.READ_NUM_BYTES = _READ_SIZE
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,7 @@ class RegistryClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         """``transport`` replaces the network, for tests of corners no real registry produces."""
+        _raise_read_size()
         self.host = host
         self.settings = settings or ClientSettings()
         scheme = "http" if self.settings.insecure else "https"

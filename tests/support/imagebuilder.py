@@ -4,9 +4,8 @@ The manifest, config stub and layer descriptors follow Tart's own structs (Sourc
 Manifest.swift, Layerizer/DiskV2.swift) and its JSON encoder (sorted keys, compact, ``/``
 written as ``\\/``), so tartflow is tested against the bytes a real Tart image has. Disks are
 files; each layer is compressed into a temporary file, hashed in the same pass, and uploaded
-before the next one is read, so an 8 GiB disk never sits in memory.
-
-Push protocol: https://github.com/opencontainers/distribution-spec/blob/main/spec.md#push
+before the next one is read, so an 8 GiB disk never sits in memory. Disk contents come from
+:mod:`tests.support.diskdata`, the upload protocol from :mod:`tests.support.registrypush`.
 """
 
 from __future__ import annotations
@@ -14,11 +13,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import math
 import mmap
 import random
 import tempfile
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +25,17 @@ from typing import IO, Any
 import httpx
 
 from tartflow import lz4apple
+from tests.support.diskdata import make_disk
+from tests.support.registrypush import (
+    TIMEOUT,
+    PushAuth,
+    Pusher,
+    PushError,
+    push_blob,
+    push_raw_manifest,
+    put_manifest,
+    sha256_digest,
+)
 
 __all__ = [
     "OCI_CONFIG",
@@ -58,110 +67,11 @@ UNCOMPRESSED_DISK_SIZE = "org.cirruslabs.tart.uncompressed-disk-size"
 UPLOAD_TIME = "org.cirruslabs.tart.upload-time"
 DISK_FORMAT_LABEL = "org.cirruslabs.tart.disk.format"
 
-#: How pushes authenticate: an httpx.Auth flow, a Basic (user, password) pair, or not at all.
-PushAuth = httpx.Auth | tuple[str, str] | None
-
-_PIECE = 4 << 20  # bytes written or uploaded per call
-_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
-
-
-class PushError(RuntimeError):
-    """The registry refused part of a push; the message has the status and its body."""
-
 
 def tart_json(value: Any) -> bytes:
     """JSON as Tart's Swift ``JSONEncoder`` with ``.sortedKeys`` writes it (slashes escaped)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return text.replace("/", "\\/").encode()
-
-
-def _sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-# --- disks ------------------------------------------------------------------------------------
-
-_KINDS = ("random", "compressible", "zero")
-_MIXED_WEIGHTS = (35, 40, 25)
-_WORDS = [
-    *("kernel", "launchd", "mds_stores", "com.apple.xpc", "sandbox", "vnode", "apfs"),
-    *("snapshot", "spotlight", "trustd", "/System/Library/Frameworks", "/usr/lib/dyld"),
-    *("bundle", "plist", "error", "warning", "info", "debug", "allowed", "denied"),
-    *("mounted", "unmounted", "checkpoint", "txid"),
-]
-
-
-def make_disk(path: Path, size: int, *, seed: int, pattern: str = "mixed") -> None:
-    """Write a ``size``-byte disk image, the same bytes for the same seed.
-
-    ``pattern`` is ``mixed`` (regions of all three kinds), ``random``, ``compressible`` or
-    ``zero``. Region sizes are log-uniform and not aligned to anything. Zero regions are
-    skipped with a seek, so the file is sparse where the filesystem allows. Compressible
-    regions copy from a pool smaller than LZ4's 64 KiB window, so matches reach back across
-    any block boundary an encoder chooses.
-    """
-    if pattern not in ("mixed", *_KINDS):
-        raise ValueError(f"unknown disk pattern {pattern!r}")
-    rng = random.Random(seed)
-    max_region = max(64 << 10, size // 8)
-    with open(path, "wb") as disk:
-        pos = 0
-        while pos < size:
-            length = min(
-                size - pos, int(math.exp(rng.uniform(math.log(100), math.log(max_region))))
-            )
-            kind = rng.choices(_KINDS, _MIXED_WEIGHTS)[0] if pattern == "mixed" else pattern
-            if kind == "zero":
-                disk.seek(length, 1)
-            else:
-                disk.writelines(_region(kind, rng, length))
-            pos += length
-        disk.truncate(size)
-
-
-def _region(kind: str, rng: random.Random, length: int) -> Iterator[bytes]:
-    if kind == "random":
-        for start in range(0, length, _PIECE):
-            yield rng.randbytes(min(_PIECE, length - start))
-        return
-    pool = _text_pool(rng, rng.randint(4 << 10, 60 << 10))
-    out = bytearray()
-    remaining = length
-    while remaining:
-        start = rng.randrange(len(pool))
-        take = min(remaining, rng.randint(16, 8192), len(pool) - start)
-        out += pool[start : start + take]
-        remaining -= take
-        if remaining and rng.random() < 0.03:
-            noise = min(remaining, rng.randint(1, 64))
-            out += rng.randbytes(noise)
-            remaining -= noise
-        if len(out) >= _PIECE:
-            yield bytes(out)
-            out.clear()
-    yield bytes(out)
-
-
-def _text_pool(rng: random.Random, size: int) -> bytes:
-    """Log lines, JSON records and key=value lines: what a filesystem full of text holds."""
-    lines: list[str] = []
-    total = 0
-    while total < size:
-        shape = rng.randrange(3)
-        words = " ".join(rng.choices(_WORDS, k=rng.randint(3, 12)))
-        n = rng.randrange(1 << 20)
-        if shape == 0:
-            line = f"2026-05-{n % 28 + 1:02d}T{n % 24:02d}:{n % 60:02d}:07Z host {words} [{n}]\n"
-        elif shape == 1:
-            line = json.dumps({"id": n, "kind": rng.choice(_WORDS), "note": words}) + "\n"
-        else:
-            line = f"{rng.choice(_WORDS)}.{n % 97}={words}\n"
-        lines.append(line)
-        total += len(line)
-    return "".join(lines).encode()[:size]
-
-
-# --- images -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -255,8 +165,8 @@ def build_and_push(
     nvram = random.Random(seed + 1).randbytes(64 << 10) if nvram is None else nvram
     disk_path = Path(disk_path)
     disk_size = disk_path.stat().st_size
-    with httpx.Client(timeout=_TIMEOUT, auth=auth) as client:
-        pusher = _Pusher(client, registry_url, repository, chunk_size)
+    with httpx.Client(timeout=TIMEOUT, auth=auth) as client:
+        pusher = Pusher(client, registry_url, repository, chunk_size)
         layers = [_descriptor(TART_CONFIG, pusher.push_bytes(config_json), len(config_json), {})]
         for offset in range(0, disk_size, layer_size):
             length = min(layer_size, disk_size - offset)
@@ -285,9 +195,9 @@ def build_and_push(
             },
         }
         manifest_bytes = tart_json(manifest)
-        digest = _put_manifest(client, registry_url, repository, tag, manifest_bytes, OCI_MANIFEST)
-    if digest != _sha256(manifest_bytes):
-        raise PushError(f"registry says the manifest is {digest}, not {_sha256(manifest_bytes)}")
+        digest = put_manifest(client, registry_url, repository, tag, manifest_bytes, OCI_MANIFEST)
+    if digest != sha256_digest(manifest_bytes):
+        raise PushError(f"registry says the manifest is {digest}, not {sha256_digest(manifest_bytes)}")
     return BuiltImage(
         repository=repository,
         tag=tag,
@@ -311,7 +221,7 @@ def _descriptor(
 
 
 def _push_disk_layer(
-    pusher: _Pusher,
+    pusher: Pusher,
     disk_path: Path,
     offset: int,
     length: int,
@@ -357,117 +267,3 @@ def _compress_into(
             if isinstance(pieces, Generator):
                 pieces.close()  # drops the encoder's views of the mapping
     return content_digest, "sha256:" + compressed.hexdigest(), size
-
-
-# --- the push protocol ------------------------------------------------------------------------
-
-
-class _Pusher:
-    """Blob uploads to one repository: HEAD first, then POST + PUT, or POST + PATCHes + PUT."""
-
-    def __init__(
-        self, client: httpx.Client, registry_url: str, repository: str, chunk_size: int | None
-    ) -> None:
-        self.client = client
-        self.base = httpx.URL(registry_url.rstrip("/") + "/")
-        self.repository = repository
-        self.chunk_size = chunk_size
-
-    def exists(self, digest: str) -> bool:
-        response = self.client.head(self.base.join(f"v2/{self.repository}/blobs/{digest}"))
-        return response.status_code == 200
-
-    def push_bytes(self, data: bytes) -> str:
-        digest = _sha256(data)
-        with tempfile.SpooledTemporaryFile(max_size=len(data) + 1) as tmp:
-            tmp.write(data)
-            self.push_file(tmp, digest, len(data))
-        return digest
-
-    def push_file(self, file: IO[bytes], digest: str, size: int) -> None:
-        """Upload ``size`` bytes of ``file`` (from its start) as blob ``digest``."""
-        if self.exists(digest):
-            return
-        file.seek(0)
-        start = self.client.post(self.base.join(f"v2/{self.repository}/blobs/uploads/"))
-        location = self._location(start, 202, "start upload")
-        if self.chunk_size:
-            for offset in range(0, size, self.chunk_size):
-                n = min(self.chunk_size, size - offset)
-                patched = self.client.patch(
-                    location,
-                    content=file.read(n),
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Range": f"{offset}-{offset + n - 1}",
-                    },
-                )
-                location = self._location(patched, 202, f"PATCH at {offset}")
-            body: Iterator[bytes] | bytes = b""
-            size_header = "0"
-        else:
-            body, size_header = _read_pieces(file, size), str(size)
-        done = self.client.put(
-            location.copy_merge_params({"digest": digest}),
-            content=body,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": size_header},
-        )
-        _check(done, 201, f"finish upload of {digest}")
-
-    def _location(self, response: httpx.Response, status: int, what: str) -> httpx.URL:
-        _check(response, status, what)
-        return self.base.join(response.headers["Location"])
-
-
-def _read_pieces(file: IO[bytes], size: int) -> Iterator[bytes]:
-    remaining = size
-    while remaining:
-        piece = file.read(min(_PIECE, remaining))
-        if not piece:
-            raise PushError(f"temporary file ended {remaining} bytes early")
-        remaining -= len(piece)
-        yield piece
-
-
-def _check(response: httpx.Response, status: int, what: str) -> None:
-    if response.status_code != status:
-        raise PushError(
-            f"{what}: {response.request.method} {response.request.url} answered "
-            f"{response.status_code}, expected {status}: {response.text[:500]}"
-        )
-
-
-def _put_manifest(
-    client: httpx.Client,
-    registry_url: str,
-    repository: str,
-    reference: str,
-    manifest_bytes: bytes,
-    media_type: str,
-) -> str:
-    url = f"{registry_url.rstrip('/')}/v2/{repository}/manifests/{reference}"
-    response = client.put(url, content=manifest_bytes, headers={"Content-Type": media_type})
-    _check(response, 201, f"push manifest {repository}:{reference}")
-    return response.headers.get("Docker-Content-Digest") or _sha256(manifest_bytes)
-
-
-def push_raw_manifest(
-    registry_url: str,
-    repository: str,
-    reference: str,
-    manifest_bytes: bytes,
-    media_type: str,
-    *,
-    auth: PushAuth = None,
-) -> str:
-    """PUT ``manifest_bytes`` as they are; returns the digest the registry reports."""
-    with httpx.Client(timeout=_TIMEOUT, auth=auth) as client:
-        return _put_manifest(
-            client, registry_url, repository, reference, manifest_bytes, media_type
-        )
-
-
-def push_blob(registry_url: str, repository: str, data: bytes, *, auth: PushAuth = None) -> str:
-    """Upload ``data`` as a blob (unless the registry has it already); returns its digest."""
-    with httpx.Client(timeout=_TIMEOUT, auth=auth) as client:
-        return _Pusher(client, registry_url, repository, None).push_bytes(data)
