@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from . import credentials
+from . import cowbase, credentials
 from .errors import CorruptLayerError, ImageFormatError, InsufficientSpaceError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
@@ -124,6 +124,8 @@ class ResolvedImage:
     compressed_size: int = 0
     disk_size: int = 0
     layers_pending: int = 0  # disk layers still to verify into the staging VM
+    cloned: int = 0  # decoded bytes the staging disk took from a copy-on-write clone (cowbase.py)
+    clone_base: str = ""  # the cached VM it was cloned from
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -145,15 +147,19 @@ def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
     installed = _installed(settings, ref, got.digest)
     blobs: list[str] = []
     layers_pending = 0
+    clone = cowbase.CloneSummary("", 0)
     if not installed:
         staging = Staging(store, image)
+        # Prepared first: a disk that starts as a clone of a trusted base already has those
+        # layers done, so they are neither fetched nor counted as space needed (cowbase.py).
+        staging.prepare(got.raw, settings.cache())
+        clone = cowbase.clone_summary(staging)
         blobs = [d.digest for d in image.blobs if not staging.is_verified(d.digest)]
         layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
         if settings.check_space:
             _check_space(store, staging, image, blobs, settings.space_margin)
-        staging.prepare(got.raw)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
-                         layers_pending)
+                         layers_pending, clone.cloned, clone.base)
 
 
 def load_image(settings: PullSettings, manifest_digest: str) -> tuple[Store, TartImage]:

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import filelock
 
-from . import checkpoint, pagecache
+from . import checkpoint, cowbase, pagecache
 from .disk import LayerDecoder, copy_layer, decode_layer
 from .errors import CorruptLayerError, StoreError
 from .manifest import Descriptor, DiskLayer, TartImage
 from .reference import digest_hex
 from .sha256 import Sha256
 from .store import Store, atomic_write
+from .tartcache import TartCache
 
 __all__ = ["LayerFill", "Staging"]
 
@@ -121,8 +122,10 @@ class Staging:
         with filelock.FileLock(self._locks / f"{part}.lock"):
             yield
 
-    def prepare(self, manifest_raw: bytes) -> None:
-        """Create the staging directory with a sparse ``disk.img`` of the full decoded size."""
+    def prepare(self, manifest_raw: bytes, cache: TartCache | None = None) -> None:
+        """Create the staging directory with a sparse ``disk.img`` of the full decoded size, or,
+        given Tart's ``cache`` on a file system that clones, a clone of the most similar cached
+        disk (cowbase.py)."""
         with self.locked():
             self.dir.mkdir(parents=True, exist_ok=True)
             manifest = self.dir / "manifest.json"
@@ -130,7 +133,9 @@ class Staging:
                 atomic_write(manifest, manifest_raw)
             disk = self.dir / "disk.img"
             size = self.image.disk_size
-            if not disk.exists() or disk.stat().st_size != size:
+            if cache is not None and not disk.exists() and cowbase.start_from_clone(self, cache):
+                pass
+            elif not disk.exists() or disk.stat().st_size != size:
                 with open(disk, "ab") as f:
                     f.truncate(size)
 
@@ -246,6 +251,7 @@ class Staging:
             pagecache.drop(fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
+        cowbase.record_verified(self)
 
     def discard_state(self) -> None:
         shutil.rmtree(self.state, ignore_errors=True)
