@@ -213,3 +213,30 @@ def test_a_base_written_since_it_was_verified_is_rehashed_not_trusted(xfs: Path,
     assert (second.path / "disk.img").read_bytes() == versions.v2.disk_path.read_bytes()
     layer3 = versions.v2.disk_layers[3]["digest"]
     assert [r.fetched for r in second.fetched if r.digest == layer3] == [versions.v2.disk_layers[3]["size"]]
+
+
+def test_the_base_is_the_cached_vm_sharing_most_bytes_and_needs_a_disk(tmp_path: Path, versions: Versions) -> None:
+    """Any cached image may be the base, not only the tag's previous version; an entry without
+    ``disk.img`` (a stacked image) is stepped over however much it shares."""
+    from tartflow.manifest import parse_manifest
+    from tartflow.tartcache import TartCache
+
+    cache = TartCache(tmp_path / "tart")
+    repo = cache.oci_root / "127.0.0.1%3A5000" / "acme"
+
+    def entry(name: str, digest: str, manifest: bytes, *, disk: bool = True) -> Path:
+        vm = repo / name / digest
+        vm.mkdir(parents=True)
+        (vm / "manifest.json").write_bytes(manifest)
+        for file in ("config.json", "nvram.bin", *(("disk.img",) if disk else ())):
+            (vm / file).write_bytes(b"")
+        return vm
+
+    v2 = parse_manifest(versions.v2.manifest_bytes, versions.v2.manifest_digest)
+    older = entry("base", versions.v1.manifest_digest, versions.v1.manifest_bytes)
+    entry("stacked", "sha256:" + "1" * 64, versions.v2.manifest_bytes, disk=False)
+    chosen = cowbase.choose_base(cache, v2)
+    assert chosen is not None and chosen.path == older and chosen.layers == (0, 1, 3, 4, 6, 7)
+    twin = entry("twin", "sha256:" + "2" * 64, versions.v2.manifest_bytes)
+    chosen = cowbase.choose_base(cache, v2)
+    assert chosen is not None and chosen.path == twin and chosen.shared == LAYERS * LAYER
