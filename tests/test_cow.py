@@ -240,3 +240,22 @@ def test_the_base_is_the_cached_vm_sharing_most_bytes_and_needs_a_disk(tmp_path:
     twin = entry("twin", "sha256:" + "2" * 64, versions.v2.manifest_bytes)
     chosen = cowbase.choose_base(cache, v2)
     assert chosen is not None and chosen.path == twin and chosen.shared == LAYERS * LAYER
+
+
+def test_a_trusted_clone_killed_before_any_layer_resumes_byte_exact(xfs: Path, versions: Versions) -> None:
+    """Trusted base: cloned layers were marked done only after the clone was durable, so the
+    resumed pull fetches nothing but the changed layer and ends byte-exact."""
+    home = xfs / "tart"
+    first = pull(home, by_digest(versions.v1))
+    v1_before = sha(first.path / "disk.img")
+    env = {k: v for k, v in os.environ.items() if k != "TARTFLOW_COW_VERIFY"}
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER_RESOLVE, str(home), versions.v2.reference],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert killed.returncode == -9, killed.stderr
+
+    resumed = pull(home, versions.v2.reference)
+
+    assert_refresh_exact(first.path, v1_before, resumed.path, versions)
+    cloned = {versions.v2.disk_layers[i]["digest"] for i in range(LAYERS) if i not in (CHANGED, ZEROED)}
+    fetched = {r.digest for r in resumed.fetched if r.fetched}
+    assert versions.v2.disk_layers[CHANGED]["digest"] in fetched and not fetched & cloned
