@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,11 +50,12 @@ from .reference import digest_hex
 from .store import atomic_write, fsync_dir
 
 if TYPE_CHECKING:
+    from .fetch import FetchResult
     from .staging import Staging
     from .tartcache import TartCache
 
-__all__ = ["Base", "CloneSummary", "choose_base", "clone_summary", "net_new_space", "record_verified",
-           "start_from_clone", "verify_cloned"]
+__all__ = ["Base", "CloneSummary", "RefreshReport", "choose_base", "clone_summary", "net_new_space",
+           "record_verified", "refresh_report", "start_from_clone", "verify_cloned"]
 
 PROVENANCE = "clone.json"
 _READ = 4 * 1024 * 1024
@@ -73,6 +75,27 @@ class Base:
 class CloneSummary:
     base: str  # the base's digest directory, "" when the disk did not start from a clone
     cloned: int  # uncompressed bytes of layers the clone provides (verified or still to verify)
+    blobs: tuple[str, ...] = ()  # their blob digests
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    """What a pull cost: decoded bytes taken from a clone, compressed bytes copied from other
+    local VMs and fetched over the network, and the space the new disk adds (None: unknown)."""
+
+    cloned: int
+    copied: int
+    fetched: int
+    net_new: int | None
+
+
+def refresh_report(cloned: int, cloned_blobs: Collection[str], results: Iterable[FetchResult],
+                   disk: Path) -> RefreshReport:
+    """A pull's cost from ``ResolvedImage.cloned``/``cloned_blobs``, its fetch results (a cloned
+    layer's blob counts as cloned, not copied) and its installed ``disk.img``."""
+    results = list(results)
+    copied = sum(r.reused for r in results if r.digest not in cloned_blobs)
+    return RefreshReport(cloned, copied, sum(r.fetched for r in results), net_new_space(disk))
 
 
 def choose_base(cache: TartCache, image: TartImage) -> Base | None:
@@ -108,11 +131,12 @@ def start_from_clone(staging: Staging, cache: TartCache) -> bool:
     disk = staging.dir / "disk.img"
     tmp = staging.dir / "disk.img.clone"
     tmp.unlink(missing_ok=True)
+    trusted = _trusted(staging, base)
     try:
         clone_file(base.path / "disk.img", tmp)
     except (CloneUnsupported, FileNotFoundError):  # e.g. the base was pruned meanwhile
         return False
-    trusted = _trusted(staging, base)
+    trusted = trusted and _trusted(staging, base)  # unchanged from before the clone to after it
     staging.state.mkdir(parents=True, exist_ok=True)
     for stale in staging.state.glob("layer-*"):  # markers that would describe another disk
         stale.unlink()
@@ -159,8 +183,9 @@ def clone_summary(staging: Staging) -> CloneSummary:
     provenance = _provenance(staging)
     if not provenance:
         return CloneSummary("", 0)
-    layers = staging.image.disk_layers
-    return CloneSummary(str(provenance["base"]), sum(layers[i].uncompressed_size for i in _cloned(staging)))
+    layers = [staging.image.disk_layers[i] for i in _cloned(staging)]
+    return CloneSummary(str(provenance["base"]), sum(layer.uncompressed_size for layer in layers),
+                        tuple(sorted({layer.blob.digest for layer in layers})))
 
 
 def net_new_space(disk: Path) -> int | None:

@@ -126,6 +126,7 @@ class ResolvedImage:
     layers_pending: int = 0  # disk layers still to verify into the staging VM
     cloned: int = 0  # decoded bytes the staging disk took from a copy-on-write clone (cowbase.py)
     clone_base: str = ""  # the cached VM it was cloned from
+    cloned_blobs: list[str] = field(default_factory=list)  # blobs of those layers (cowbase.refresh_report)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -159,7 +160,7 @@ def resolve(settings: PullSettings, reference: str) -> ResolvedImage:
         if settings.check_space:
             _check_space(store, staging, image, blobs, settings.space_margin)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
-                         layers_pending, clone.cloned, clone.base)
+                         layers_pending, clone.cloned, clone.base, list(clone.blobs))
 
 
 def load_image(settings: PullSettings, manifest_digest: str) -> tuple[Store, TartImage]:

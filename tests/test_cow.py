@@ -140,8 +140,11 @@ def test_refresh_on_reflink_clones_and_writes_only_what_changed(xfs: Path, versi
     assert sum(r.fetched for r in second.fetched) < 2 * LAYER  # only the changed layer (random) travels
     # About the changed layer: no copy of the shared ones, nothing for the zeroed one.
     assert 0.9 * LAYER <= growth <= 1.1 * LAYER + 1024 * 1024, growth
-    net_new = cowbase.net_new_space(second.path / "disk.img")
-    assert net_new is not None and LAYER <= net_new <= LAYER + 256 * 1024, net_new
+    report = cowbase.refresh_report(second.resolved.cloned, second.resolved.cloned_blobs, second.fetched,
+                                    second.path / "disk.img")
+    assert report.cloned == (LAYERS - 2) * LAYER and report.copied == 0
+    assert report.fetched == sum(r.fetched for r in second.fetched) > 0
+    assert report.net_new is not None and LAYER <= report.net_new <= LAYER + 256 * 1024, report.net_new
 
 
 def test_without_clones_the_refresh_copies_as_before(tmpfs: Path, versions: Versions) -> None:
@@ -154,7 +157,10 @@ def test_without_clones_the_refresh_copies_as_before(tmpfs: Path, versions: Vers
 
     assert_refresh_exact(first.path, v1_before, second.path, versions)
     assert second.resolved.cloned == 0 and second.resolved.clone_base == ""
-    assert sum(r.reused for r in second.fetched) > 0  # shared layers copied from v1, not fetched
+    report = cowbase.refresh_report(second.resolved.cloned, second.resolved.cloned_blobs, second.fetched,
+                                    second.path / "disk.img")
+    assert report.cloned == 0 and report.copied == sum(d["size"] for i, d in enumerate(versions.v2.disk_layers)
+                                                      if i not in (CHANGED, ZEROED))  # copied from v1, not fetched
     allocated = (second.path / "disk.img").stat().st_blocks * 512
     assert used_bytes(tmpfs) - used >= 0.95 * allocated > 4 * LAYER  # a full second copy, as today
 
