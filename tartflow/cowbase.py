@@ -5,9 +5,11 @@ of its disk with it. Where the file system clones (APFS, XFS with reflink, btrfs
 the staging disk starts as a clone of the cached VM whose ``manifest.json`` lists the most
 layer bytes at the same offset with the same uncompressed content digest (any image in Tart's
 cache, not only the tag's previous version; entries without ``disk.img``, such as stacked
-images, are stepped over). Those layers then cost neither a write nor space; every other
-layer is written as today, over the base's stale bytes (so it starts dirty, and zero runs
-become holes, disk.py). Layers found only at another offset are copied by reuse.py, as before.
+images, are stepped over). Those layers then cost neither a write nor space; the range of every
+other layer is punched into a hole in the clone and written as today (zero runs stay holes).
+Where punching fails, the layer is written over the base's stale bytes instead, as a dirty
+layer whose zero runs are cleared (disk.py). Layers found only at another offset are copied by
+reuse.py, as before.
 
 Verification: a cloned layer counts as done only once its bytes are known to match its
 uncompressed digest, one of two ways, chosen per base:
@@ -24,9 +26,10 @@ uncompressed digest, one of two ways, chosen per base:
   had been no clone. Reading is cheap next to writing, but at a few hundred MB/s of SHA-256 it
   is most of a refresh's time (benchmarks/cow.py measures both).
 
-Crash safety: the clone is made under a temporary name, every layer gets its dirty marker and
-the provenance (``clone.json``) is written, and only then is the clone fsynced and renamed to
-``disk.img``. A crash before the rename leaves no ``disk.img`` (the next run clones again); a
+Crash safety: the clone is made under a temporary name, the layers it does not provide are
+punched into holes (or, where that fails, get dirty markers), cloned layers get dirty markers,
+the clone is fsynced and the provenance (``clone.json``) written, and only then is the clone
+renamed to ``disk.img``. A crash before the rename leaves no ``disk.img`` (the next run clones again); a
 crash after it leaves cloned layers that are not done, which are re-hashed, never trusted
 blindly: only done markers written after the durable clone say a layer is verified.
 """
@@ -42,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import cancel
-from .clone import CloneUnsupported, can_clone, clone_file, unshared_bytes
+from .clone import CloneUnsupported, can_clone, clone_file, punch_hole, unshared_bytes
 from .errors import CorruptLayerError, TartflowError
 from .manifest import DiskLayer, TartImage, parse_manifest
 from .progress import reporter
@@ -140,14 +143,18 @@ def start_from_clone(staging: Staging, cache: TartCache) -> bool:
     staging.state.mkdir(parents=True, exist_ok=True)
     for stale in staging.state.glob("layer-*"):  # markers that would describe another disk
         stale.unlink()
-    for index in range(len(staging.image.disk_layers)):  # every byte may be the base's
-        (staging.state / f"layer-{index}.dirty").touch()
+    with open(tmp, "r+b") as f:
+        f.truncate(staging.image.disk_size)
+        for index, layer in enumerate(staging.image.disk_layers):
+            # A layer the base does not hold becomes a hole (no stale byte to read back and
+            # clear, zero runs stay holes); a cloned one, or one that cannot be punched, holds
+            # the base's bytes until verified, so it is dirty: a write over it clears zero runs.
+            if index in base.layers or not punch_hole(f.fileno(), layer.offset, layer.uncompressed_size):
+                (staging.state / f"layer-{index}.dirty").touch()
+        os.fsync(f.fileno())
     atomic_write(staging.state / PROVENANCE, json.dumps({
         "base": str(base.path), "base_manifest": base.image.manifest_digest,
         "layers": list(base.layers), "trusted": trusted}).encode())
-    with open(tmp, "r+b") as f:
-        f.truncate(staging.image.disk_size)
-        os.fsync(f.fileno())
     os.rename(tmp, disk)
     fsync_dir(staging.dir)
     reporter().note(f"disk starts as a clone of {base.path} ({base.shared / 1e9:.2f} GB shared, "

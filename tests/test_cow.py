@@ -117,6 +117,15 @@ def is_hole(path: Path, offset: int, length: int) -> bool:
         os.close(fd)
 
 
+def zero_chunk_in(disk: Path, offset: int, length: int, chunk: int = 64 * 1024) -> int:
+    """An offset inside an aligned all-zero ``chunk`` of ``disk[offset:offset+length]``."""
+    data = disk.read_bytes()[offset:offset + length]
+    for start in range(0, length, chunk):
+        if not any(data[start:start + chunk]):
+            return offset + start + 100
+    raise AssertionError("the test disk has no zero run in this layer")
+
+
 def assert_refresh_exact(v1_dir: Path, v1_before: str, v2_dir: Path, versions: Versions) -> None:
     assert (v2_dir / "disk.img").read_bytes() == versions.v2.disk_path.read_bytes()
     assert (v2_dir / "manifest.json").read_bytes() == versions.v2.manifest_bytes
@@ -192,11 +201,12 @@ def test_a_refresh_killed_after_the_clone_resumes_byte_exact(
     state = staged.with_name(staged.name + ".state")
     assert json.loads((state / "clone.json").read_text())["layers"] == [0, 1, 3, 4, 6, 7]
     assert not list(state.glob("layer-*.done"))  # re-hashed, not yet verified
-    with open(staged / "disk.img", "r+b") as f:  # the clone is not what its provenance claims
-        f.seek(LAYER + 12345)
-        byte = f.read(1)
-        f.seek(LAYER + 12345)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    # The clone is not what its provenance claims, under a zero run of layer 1: only a rewrite
+    # that treats the cloned layer as dirty clears it.
+    spot = zero_chunk_in(versions.v2.disk_path, LAYER, LAYER)
+    with open(staged / "disk.img", "r+b") as f:
+        f.seek(spot)
+        f.write(b"\xff")
 
     resumed = pull(home, versions.v2.reference)
 
