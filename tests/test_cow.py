@@ -211,6 +211,7 @@ def test_a_refresh_killed_after_the_clone_resumes_byte_exact(
     resumed = pull(home, versions.v2.reference)
 
     assert_refresh_exact(first.path, v1_before, resumed.path, versions)
+    assert is_hole(resumed.path / "disk.img", spot - 100, 64 * 1024)  # cleared by punching, not zeros
     layer1 = versions.v2.disk_layers[1]["digest"]
     assert [r.reused for r in resumed.fetched if r.digest == layer1] == [versions.v2.disk_layers[1]["size"]]
 
