@@ -16,7 +16,8 @@ uncompressed digest, one of two ways, chosen per base:
 
 - trusted: the base's ``disk.img`` is one tartflow itself verified layer by layer and
   installed, and is provably unchanged since: its (device, inode, size, mtime) still equal what
-  was recorded right before it moved into Tart's cache (``record_verified``; any write to the
+  was recorded right before it moved into Tart's cache (``record_verified``, in the store's
+  ``manifests/verified/<hex>.json``, kept like the manifests; any write to the
   file moves its mtime, and Tart never writes a cached image, ``tart clone`` clones it). Its
   cloned layers are marked done at once, after the clone is durable: a refresh then costs what
   changed.
@@ -225,7 +226,7 @@ def _identity(st: os.stat_result) -> dict[str, int]:
 
 
 def _record_path(staging: Staging, manifest_digest: str) -> Path:
-    directory = staging.store.root / "verified"
+    directory = staging.store.root / "manifests" / "verified"  # kept as long as the manifests
     directory.mkdir(parents=True, exist_ok=True)
     return directory / f"{digest_hex(manifest_digest)}.json"
 
