@@ -5,7 +5,8 @@
 beside it in ``staging/<manifest hex>.state/`` so it never reaches Tart's cache:
 ``layer-<i>.done`` once layer i is decoded and verified, ``layer-<i>.dirty`` while it is being
 written (so a retry clears stale bytes), ``layer-<i>.checkpoint-{0,1}`` where a download decoded on
-the way in can resume (checkpoint.py), and one lock per layer and for the whole VM.
+the way in can resume (checkpoint.py), ``clone.json`` when ``disk.img`` started as a clone of a
+cached disk (cowbase.py), and one lock per layer and for the whole VM.
 """
 
 from __future__ import annotations
@@ -133,9 +134,8 @@ class Staging:
                 atomic_write(manifest, manifest_raw)
             disk = self.dir / "disk.img"
             size = self.image.disk_size
-            if cache is not None and not disk.exists() and cowbase.start_from_clone(self, cache):
-                pass
-            elif not disk.exists() or disk.stat().st_size != size:
+            cloned = cache is not None and not disk.exists() and cowbase.start_from_clone(self, cache)
+            if not cloned and (not disk.exists() or disk.stat().st_size != size):
                 with open(disk, "ab") as f:
                     f.truncate(size)
 
