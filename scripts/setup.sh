@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up tartflow on a fresh machine: a virtualenv with tartflow installed (pip install .),
-# plus the CNCF distribution registry (docker-registry) the test suite and the demo use.
+# plus the CNCF distribution registry (docker-registry) the test suite and the demo use,
+# and xfsprogs for the copy-on-write tests.
 # Idempotent; prints what it does. Usage: scripts/setup.sh [--test]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,13 @@ if ! command -v docker-registry >/dev/null 2>&1 && ! command -v registry >/dev/n
   else
     echo "setup: no docker-registry found; install the CNCF distribution registry" >&2
   fi
+fi
+
+# xfsprogs: the copy-on-write tests and benchmark (issue 15) make an XFS file system with
+# reflink on a loop device; without it they skip and say so. macOS has APFS clones built in.
+if [ "$(uname)" != "Darwin" ] && ! command -v mkfs.xfs >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: apt-get install xfsprogs"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq xfsprogs >/dev/null
 fi

@@ -1,8 +1,9 @@
 """Write a disk layer's decoded bytes at its offset in ``disk.img``, keeping the file sparse.
 
 Zero runs are not written (the file was created at full size with ``truncate``, so holes read
-as zeros). When a region may hold bytes from an earlier, failed attempt (``dirty``), a zero
-chunk is written only where the file does not already read as zeros, so stale bytes never
+as zeros). When a region may hold bytes from an earlier, failed attempt or from the cached disk
+it was cloned from (``dirty``), a zero chunk where the file does not already read as zeros is
+punched into a hole (written as zeros where holes cannot be punched), so stale bytes never
 survive and holes stay holes. Memory is one decoded block plus the 64 KiB LZ4 window.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cancel, pagecache
+from .clone import punch_hole
 from .errors import CorruptLayerError
 from .lz4apple import WINDOW, AppleLZ4Decoder, DecoderState
 from .manifest import DiskLayer
@@ -217,7 +219,9 @@ def _write_sparse(fd: int, data: bytes | memoryview, offset: int, dirty: bool) -
 
 
 def _clear_if_needed(fd: int, length: int, offset: int) -> None:
-    if os.pread(fd, length, offset).count(0) != length:
+    """Stale bytes under a zero chunk (an earlier attempt's, or a cloned base's) become a hole
+    where the file system can punch one, so a clone costs no space for zeros; else zeros."""
+    if os.pread(fd, length, offset).count(0) != length and not punch_hole(fd, offset, length):
         _pwrite_all(fd, memoryview(_ZEROS)[:length], offset)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
-from . import prune
+from . import cowbase, prune
 from .context import Landing, PullContext, PullSettings, store_root
 from .errors import CorruptLayerError, ImageFormatError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
@@ -71,6 +71,9 @@ class ResolvedImage:
     compressed_size: int = 0
     disk_size: int = 0
     layers_pending: int = 0  # disk layers still to verify into the staging VM
+    cloned: int = 0  # decoded bytes the staging disk took from a copy-on-write clone (cowbase.py)
+    clone_base: str = ""  # the cached VM it was cloned from
+    cloned_blobs: list[str] = field(default_factory=list)  # blobs of those layers (cowbase.refresh_report)
 
 
 @translate_os_errors
@@ -88,17 +91,21 @@ def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
     installed = _installed(ctx, ref, got.digest)
     blobs: list[str] = []
     layers_pending = 0
+    clone = cowbase.CloneSummary("", 0)
     if not installed:
         staging = Staging(ctx.store, image)
+        # Prepared first: a disk that starts as a clone of a trusted base already has those
+        # layers done, so they are neither fetched nor counted as space needed (cowbase.py).
+        staging.prepare(got.raw, ctx.cache)
+        clone = cowbase.clone_summary(staging)
         blobs = [d.digest for d in image.blobs]
         pending = [d for d in blobs if not staging.is_verified(d)]
         layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
         if ctx.settings.check_space:  # Tart-style auto-prune (prune.py)
             needed = prune.pull_peak(ctx.store, staging, image, pending, ctx.settings.concurrency)
             prune.make_room(ctx.cache, ctx.store, staging, ref, needed, ctx.settings.space_margin)
-        staging.prepare(got.raw)
     return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
-                         layers_pending)
+                         layers_pending, clone.cloned, clone.base, list(clone.blobs))
 
 
 def load_image(store: Store, manifest_digest: str) -> TartImage:

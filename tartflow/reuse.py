@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import cowbase
 from .collect import digest_dirs
 from .errors import CorruptLayerError, TartflowError
 from .manifest import TartImage, parse_manifest
@@ -57,6 +58,7 @@ def reuse_local(cache: TartCache, staging: Staging, digest: str) -> bool:
     if done. A source that fails verification is skipped (the next one, or the network, is tried).
     """
     image = staging.image
+    cowbase.verify_cloned(staging, digest)
     for vm in _local_vms(cache, staging):
         if staging.is_verified(digest):
             break

@@ -5,7 +5,8 @@
 beside it in ``staging/<manifest hex>.state/`` so it never reaches Tart's cache:
 ``layer-<i>.done`` once layer i is decoded and verified, ``layer-<i>.dirty`` while it is being
 written (so a retry clears stale bytes), ``layer-<i>.checkpoint-{0,1}`` where a download decoded on
-the way in can resume (checkpoint.py), and one lock per layer and for the whole VM.
+the way in can resume (checkpoint.py), ``clone.json`` when ``disk.img`` started as a clone of a
+cached disk (cowbase.py), and one lock per layer and for the whole VM.
 
 Which blobs the staging VMs still need (``staged_blobs``) is read from their manifests here:
 they are staging's, not the content store's.
@@ -22,13 +23,14 @@ from pathlib import Path
 
 import filelock
 
-from . import checkpoint, pagecache
+from . import checkpoint, cowbase, pagecache
 from .disk import LayerDecoder, copy_layer, decode_layer
 from .errors import CorruptLayerError, StoreError, TartflowError
 from .manifest import Descriptor, DiskLayer, TartImage, parse_manifest
 from .reference import digest_hex
 from .sha256 import Sha256
 from .store import Store, atomic_write
+from .tartcache import TartCache
 
 __all__ = ["LayerFill", "Staging", "staged_blobs", "staged_images"]
 
@@ -158,8 +160,10 @@ class Staging:
         with filelock.FileLock(self._locks / f"{part}.lock"):
             yield
 
-    def prepare(self, manifest_raw: bytes) -> None:
-        """Create the staging directory with a sparse ``disk.img`` of the full decoded size."""
+    def prepare(self, manifest_raw: bytes, cache: TartCache | None = None) -> None:
+        """Create the staging directory with a sparse ``disk.img`` of the full decoded size, or,
+        given Tart's ``cache`` on a file system that clones, a clone of the most similar cached
+        disk (cowbase.py)."""
         with self.locked():
             self.dir.mkdir(parents=True, exist_ok=True)
             manifest = self.dir / "manifest.json"
@@ -167,7 +171,8 @@ class Staging:
                 atomic_write(manifest, manifest_raw)
             disk = self.dir / "disk.img"
             size = self.image.disk_size
-            if not disk.exists() or disk.stat().st_size != size:
+            cloned = cache is not None and not disk.exists() and cowbase.start_from_clone(self, cache)
+            if not cloned and (not disk.exists() or disk.stat().st_size != size):
                 with open(disk, "ab") as f:
                     f.truncate(size)
 
@@ -284,6 +289,7 @@ class Staging:
             pagecache.drop(fd, 0, os.fstat(fd).st_size)
         finally:
             os.close(fd)
+        cowbase.record_verified(self)
 
     def discard_state(self) -> None:
         shutil.rmtree(self.state, ignore_errors=True)
