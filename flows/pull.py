@@ -25,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import Concurrency, Mirrors, RetryFor
 
 from tartflow.progress import reporter
-from flows.secrets import use_secret_block
+from flows.secrets import use_peer_token_block, use_secret_block
 from tartflow.pull import PullSettings
 from tartflow.reference import parse_reference
 from tasks.pull import assemble_vm, fetch_layer, fetch_manifest, verify_digest
@@ -47,6 +47,7 @@ def pull_image(
     egress_limit: str | None = EGRESS_LIMIT,
     mirrors: Mirrors = None,
     credentials_block: str | None = None,
+    peers: list[str] | None = None,
 ) -> str:
     """Pull a Tart image into Tart's cache on this machine; returns the VM's directory.
 
@@ -61,11 +62,15 @@ def pull_image(
             e.g. {"ghcr.io": ["http://mirror.lan:5000"]}.
         credentials_block: Name of a Prefect Secret block holding registry credentials
             (never put credentials in a parameter).
+        peers: Other runners' peer endpoints (`tartflow serve`) asked for layers before
+            mirrors and the registry, e.g. ["http://runner-2.lan:8377"]; empty: $TARTFLOW_PEERS.
     """
     started = time.monotonic()
     if credentials_block:
         use_secret_block(credentials_block, parse_reference(reference).host)
-    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors).__dict__
+    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors, peers=peers).__dict__
+    if settings["peers"]:
+        use_peer_token_block()
     resolved = fetch_manifest(settings, reference)
     digest = resolved["manifest_digest"]
     results: list[dict[str, Any]] = []
@@ -111,6 +116,7 @@ def _publish(resolved: dict[str, Any], results: list[dict[str, Any]], seconds: f
             "size MB": round(r["size"] / 1e6, 2),
             "fetched MB": round(r["fetched"] / 1e6, 2),
             "reused MB": round(r["reused"] / 1e6, 2),
+            "peer MB": round(r.get("peer", 0) / 1e6, 2),
             "already on disk MB": round(r["resumed_from"] / 1e6, 2),
             "seconds": round(r["seconds"], 2),
             "MB/s": round(r["fetched"] / 1e6 / r["seconds"], 1) if r["seconds"] > 0 else None,
@@ -118,10 +124,13 @@ def _publish(resolved: dict[str, Any], results: list[dict[str, Any]], seconds: f
         for r in results
     ]
     fetched = sum(r["fetched"] for r in results)
+    peer = sum(r.get("peer", 0) for r in results)
+    reused = sum(r["reused"] for r in results)
     summary = (
         f"**{resolved['reference']}** ({resolved['manifest_digest'][:19]}): "
         + ("already current in Tart's cache, nothing fetched" if resolved["installed"] else
            f"{fetched / 1e6:.1f} MB fetched of {resolved['compressed_size'] / 1e6:.1f} MB "
-           f"in {seconds:.1f} s ({fetched / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+           f"in {seconds:.1f} s ({fetched / 1e6 / max(seconds, 1e-9):.1f} MB/s); "
+           f"{peer / 1e6:.1f} MB from peers, {reused / 1e6:.1f} MB reused from Tart's cache")
     )
     create_table_artifact(table=rows, key="tartflow-pull", description=summary)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from .manifest import (
     pick_from_index,
 )
 from .progress import reporter
+from .peer import fetch_from_peers, parse_peers
 from .reference import Reference, parse_reference
 from .registry.client import ClientSettings, client_for
 from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
@@ -83,6 +85,7 @@ class PullSettings:
     check_space: bool = True
     space_margin: float = SPACE_MARGIN
     mirrors: dict[str, list[str]] | None = None
+    peers: list[str] | None = None  # peer endpoints asked for layers first (tartflow.peer)
 
     @classmethod
     def from_env(cls, **values: object) -> PullSettings:
@@ -93,6 +96,7 @@ class PullSettings:
                 values.setdefault(name, float(os.environ[env]))
         if not values.get("mirrors"):
             values["mirrors"] = parse_mirrors(os.environ.get("TARTFLOW_MIRRORS")) or None
+        values["peers"] = parse_peers(values.get("peers") or os.environ.get("TARTFLOW_PEERS")) or None  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
     def cache(self) -> TartCache:
@@ -209,6 +213,13 @@ def _fetch(
     if not stored and reuse_local(settings.cache(), Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size, verified=True)
+    # --- peers (issue 16): layers from other runners, verified against this manifest ---
+    if not stored and settings.peers:
+        started = time.monotonic()
+        got = fetch_from_peers(settings.peers, Staging(store, image), desc, read_timeout=settings.read_timeout)
+        if got is not None:
+            return FetchResult(digest, desc.size, "", 0, 0, time.monotonic() - started, verified=True, peer=got.wire)
+    # --- end peers ---
     client, policy = settings.client(ref), settings.policy()
     if stored:
         return fetch_blob(store, client, ref.repository, desc, policy)
