@@ -6,6 +6,7 @@ Modes (``mode`` may be changed while it runs):
 - ``pass``: every request and answer unchanged;
 - ``garbage``: the real answer's status and headers, but a well-formed zero-run body of random
   bytes of the length asked for (only a digest check can tell);
+- ``liar``: ``garbage`` for disk layers only, config and NVRAM passed on unchanged;
 - ``cut``: the real body until ``after`` bytes of it, then the connection closes; ``then`` is the
   mode for later requests (``die``: the listening socket closes too, like a killed peer);
 - ``stall``: the real headers and ``after`` bytes of the body, then silence until stopped.
@@ -31,6 +32,7 @@ class BadPeer:
         self.upstream = urlsplit(upstream).netloc
         self.mode, self.after, self.then = mode, after, then
         self.ranges: list[str | None] = []  # Range header of every layer request, in order
+        self.paths: list[str] = []  # every request's path, in order
         self.stopped = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -66,9 +68,13 @@ def _handler(peer: BadPeer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
-            if self.path.startswith("/v1/layers/"):
+            layer = self.path.startswith("/v1/layers/")
+            peer.paths.append(self.path)
+            if layer:
                 peer.ranges.append(self.headers.get("Range"))
             mode = peer.mode
+            if mode == "liar":
+                mode = "garbage" if layer else "pass"
             if mode == "cut":
                 peer.mode = peer.then
             upstream = http.client.HTTPConnection(peer.upstream, timeout=30)
