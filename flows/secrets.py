@@ -57,7 +57,7 @@ def use_peer_token_block() -> None:
     if current_token():
         return
     try:
-        value = Secret.load(PEER_TOKEN_BLOCK).get()
+        value = cast(Secret[Any], Secret.load(PEER_TOKEN_BLOCK)).get()
     except ValueError:
         return
     if isinstance(value, str):

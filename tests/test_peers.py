@@ -54,7 +54,7 @@ def peer_a(tmp_path_factory: pytest.TempPathFactory, registry: Registry, small_i
         yield Peer(user, url, vm_dir(user, host, small_image.repository, small_image.manifest_digest))
     finally:
         server.terminate()
-        out, err = server.communicate(timeout=20)
+        _, err = server.communicate(timeout=20)
     assert server.returncode == 0, err
 
 

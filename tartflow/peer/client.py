@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit
 
 import httpx
@@ -172,19 +173,8 @@ class _Session:
         left = _available(peers)
         while left:
             used: list[str] = []
-
-            def write(fd: int, dirty: bool) -> None:
-                writer = LayerWriter(layer, fd, dirty, f"layer {layer.uncompressed_digest[:19]} from peers")
-                for url in list(left):
-                    left.remove(url)
-                    used.append(url)
-                    if self._from(url, layer, writer):
-                        writer.finish()  # size and content digest: raises CorruptLayerError
-                        return
-                raise _Skip("no peer has it")
-
             try:
-                staging.fill(index, write)
+                staging.fill(index, partial(self._write, left, used, layer))
                 self.content += layer.uncompressed_size
                 return
             except CorruptLayerError as exc:
@@ -193,6 +183,19 @@ class _Session:
                 reporter().note(f"bytes from peer(s) {', '.join(used)} do not verify ({exc}); skipping them")
             except _Skip:
                 return
+
+    def _write(self, left: list[str], used: list[str], layer: DiskLayer, fd: int, dirty: bool) -> None:
+        """Fill the layer at ``fd`` from the peers in ``left``, each moved to ``used`` once asked:
+        one that stops early hands over to the next at the same offset. Raises unless the bytes
+        written are the layer, verified."""
+        writer = LayerWriter(layer, fd, dirty, f"layer {layer.uncompressed_digest[:19]} from peers")
+        while left:
+            url = left.pop(0)
+            used.append(url)
+            if self._from(url, layer, writer):
+                writer.finish()  # size and content digest: raises CorruptLayerError
+                return
+        raise _Skip("no peer has it")
 
     def _from(self, url: str, layer: DiskLayer, writer: LayerWriter) -> bool:
         """Stream the rest of ``layer`` from ``url`` into ``writer``; True once every byte came."""

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from ..disk import ZERO_CHUNK
 
-__all__ = ["MAX_DATA", "ZERO_RUNS", "WireError", "ZeroRunDecoder", "encode_file_range", "encode_bytes"]
+__all__ = ["MAX_DATA", "ZERO_RUNS", "WireError", "ZeroRunDecoder", "encode_bytes", "encode_file_range"]
 
 ZERO_RUNS = "application/vnd.tartflow.zero-runs.v1"
 MAX_DATA = 4 * 1024 * 1024
