@@ -249,3 +249,44 @@ def test_nothing_outside_a_complete_cached_vm_is_reachable(
         for path in (oci / "evil.example", oci / "evil3.example"):
             shutil.rmtree(path)
         (oci / "evil2.example").unlink()
+
+
+def test_with_a_wrong_token_the_pull_falls_back_to_the_registry(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, peer_a: Peer
+) -> None:
+    result = _pull_from(user, proxy, small_image, [peer_a.url], TARTFLOW_PEER_TOKEN="not-the-fleets-token")
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    assert proxy.blob_bytes_served == fetchable_bytes(small_image)
+    assert "not-the-fleets-token" not in result.stderr + result.stdout
+
+
+def test_a_cached_layer_that_does_not_hash_right_is_never_served(
+    peer_a: Peer, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    """A VM in the cache whose disk.img was damaged after the pull: its other layers are served,
+    the damaged one is not (the receiver would reject it too, but a peer does not send it)."""
+    home = tmp_path / "tart"
+    copy = home / "cache" / "OCIs" / "example.com" / "ns" / peer_a.vm.name
+    shutil.copytree(peer_a.vm, copy)
+    size0 = int(small_image.disk_layers[0]["annotations"]["org.cirruslabs.tart.uncompressed-size"])
+    with open(copy / "disk.img", "r+b") as f:
+        f.seek(size0 + 4096)
+        byte = f.read(1)
+        f.seek(size0 + 4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    port = free_port()
+    user = Tartflow(home, tmp_path / "prefect", None)
+    server = user.start("serve", "--listen", f"127.0.0.1:{port}", TARTFLOW_PEER_TOKEN=TOKEN)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_up(url, server)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        digests = [layer["annotations"]["org.cirruslabs.tart.uncompressed-content-digest"]
+                   for layer in small_image.disk_layers]
+        assert httpx.get(f"{url}/v1/layers/{digests[1]}", headers=auth).status_code == 404
+        whole = httpx.get(f"{url}/v1/layers/{digests[0]}", headers=auth)
+        assert whole.status_code == 200 and whole.content == small_image.disk_path.read_bytes()[:size0]
+    finally:
+        server.terminate()
+        server.communicate(timeout=20)
