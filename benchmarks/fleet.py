@@ -23,6 +23,7 @@ Every runner's VM is compared byte for byte with the source disk. MB is 10^6 byt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -101,64 +102,73 @@ def _check_vm(home: Path, host: str, image: BuiltImage) -> None:
 def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="fleet-bench-", dir=args.workdir))
     children: list[subprocess.Popen[bytes]] = []
-    registry = start_registry(root / "registry")
-    proxy = FaultProxy(registry.url).start()
-    server = PrefectServer(root / "server")
-    try:
-        env = {**prefect_env(root / "client", server.api_url), "TARTFLOW_CHECKOUT": str(CHECKOUT)}
-        disk = root / "disk.img"
-        make_disk(disk, args.disk_mib * 1024 * 1024, seed=16)
-        image = build_and_push(registry.url, "bench/fleet", "v1", disk, layer_size=args.layer_mib * 1024 * 1024)
-        compressed = image.total_compressed - int(image.manifest["config"]["size"])
-        log(f"image: {args.disk_mib} MiB disk, {compressed / 1e6:.1f} MB compressed")
-        subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--egress-slots", "8"], env=env,
-                       cwd=CHECKOUT, check=True, capture_output=True, timeout=600)
-        runners = [f"runner-{i}" for i in range(args.runners)]
-        for name in [*runners, "control"]:
-            children.append(_start_runner(env, name, root / name, serve=name != "control"))
-        _wait_serving(env, runners)
-        ref = f"{proxy.host}/{image.repository}:{image.tag}"
+    # Everything started is stopped however the run ends, children first.
+    with contextlib.ExitStack() as stack:
+        registry = stack.enter_context(start_registry(root / "registry"))
+        proxy = stack.enter_context(FaultProxy(registry.url))
+        (root / "server").mkdir()
+        server = PrefectServer(root / "server")
+        stack.callback(server.stop)
+        stack.callback(_stop, children)
+        return _measure(args, root, children, proxy, server, registry.url)
+    raise AssertionError("unreachable")
 
-        solo = root / "solo"
-        started = time.monotonic()
-        subprocess.run([TARTFLOW, "pull", "--insecure", ref], check=True, capture_output=True, timeout=1800,
-                       env={**prefect_env(solo / "prefect", server.api_url), "TART_HOME": str(solo / "tart")})
-        one_pull = time.monotonic() - started
-        log(f"one runner alone: {one_pull:.1f} s")
 
-        proxy.reset_counters()
-        started = time.monotonic()
-        params = {"images": [ref], "insecure": True, "runners": runners, "seeds": args.seeds}
-        done = subprocess.run([PREFECT, "deployment", "run", "prewarm-fleet/fleet", "--params", json.dumps(params),
-                               "--watch", "--watch-timeout", "3600"], env=env, cwd=CHECKOUT, capture_output=True,
-                              text=True, timeout=3700)
-        prewarm = time.monotonic() - started
-        if done.returncode != 0 or "COMPLETED" not in done.stdout.upper():
-            raise RuntimeError(f"prewarm failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-        upstream = proxy.blob_bytes_served
-        for name in runners:
-            _check_vm(root / name, proxy.host, image)
-        sources = _sources(env)
-        print(f"runners: {args.runners}, seeds: {args.seeds}, image {compressed / 1e6:.1f} MB compressed, "
-              f"{args.disk_mib} MiB disk")
-        print(f"upstream blob bytes for the prewarm: {upstream / 1e6:.1f} MB = {upstream / compressed:.2f}x the "
-              f"image (target <= 1.1x; {args.runners}.00x without peers)")
-        print(f"wall time: prewarm of {args.runners} runners {prewarm:.1f} s; one runner alone {one_pull:.1f} s "
-              f"({prewarm / one_pull:.1f}x)")
-        print("bytes per source over all pulls (incl. the solo one): "
-              + ", ".join(f"{key} {value:.1f}" for key, value in sources.items()))
-        return 0 if upstream <= 1.1 * compressed else 1
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        proxy.stop()
-        server.stop()
-        registry.stop()
+def _stop(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        child.terminate()
+    for child in children:
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+def _measure(args: argparse.Namespace, root: Path, children: list[subprocess.Popen[bytes]], proxy: FaultProxy,
+             server: PrefectServer, registry_url: str) -> int:
+    env = {**prefect_env(root / "client", server.api_url), "TARTFLOW_CHECKOUT": str(CHECKOUT)}
+    disk = root / "disk.img"
+    make_disk(disk, args.disk_mib * 1024 * 1024, seed=16)
+    image = build_and_push(registry_url, "bench/fleet", "v1", disk, layer_size=args.layer_mib * 1024 * 1024)
+    compressed = image.total_compressed - int(image.manifest["config"]["size"])
+    log(f"image: {args.disk_mib} MiB disk, {compressed / 1e6:.1f} MB compressed")
+    subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--egress-slots", "8"], env=env,
+                   cwd=CHECKOUT, check=True, capture_output=True, timeout=600)
+    runners = [f"runner-{i}" for i in range(args.runners)]
+    for name in [*runners, "control"]:
+        children.append(_start_runner(env, name, root / name, serve=name != "control"))
+    _wait_serving(env, runners)
+    ref = f"{proxy.host}/{image.repository}:{image.tag}"
+
+    solo = root / "solo"
+    started = time.monotonic()
+    subprocess.run([TARTFLOW, "pull", "--insecure", ref], check=True, capture_output=True, timeout=1800,
+                   env={**prefect_env(solo / "prefect", server.api_url), "TART_HOME": str(solo / "tart")})
+    one_pull = time.monotonic() - started
+    log(f"one runner alone: {one_pull:.1f} s")
+
+    proxy.reset_counters()
+    started = time.monotonic()
+    params = {"images": [ref], "insecure": True, "runners": runners, "seeds": args.seeds}
+    done = subprocess.run([PREFECT, "deployment", "run", "prewarm-fleet/fleet", "--params", json.dumps(params),
+                           "--watch", "--watch-timeout", "3600"], env=env, cwd=CHECKOUT, capture_output=True,
+                          text=True, timeout=3700)
+    prewarm = time.monotonic() - started
+    if done.returncode != 0 or "COMPLETED" not in done.stdout.upper():
+        raise RuntimeError(f"prewarm failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    upstream = proxy.blob_bytes_served
+    for name in runners:
+        _check_vm(root / name, proxy.host, image)
+    sources = _sources(env)
+    print(f"runners: {args.runners}, seeds: {args.seeds}, image {compressed / 1e6:.1f} MB compressed, "
+          f"{args.disk_mib} MiB disk")
+    print(f"upstream blob bytes for the prewarm: {upstream / 1e6:.1f} MB = {upstream / compressed:.2f}x the "
+          f"image (target <= 1.1x; {args.runners}.00x without peers)")
+    print(f"wall time: prewarm of {args.runners} runners {prewarm:.1f} s; one runner alone {one_pull:.1f} s "
+          f"({prewarm / one_pull:.1f}x)")
+    print("bytes per source over all pulls (incl. the solo one): "
+          + ", ".join(f"{key} {value:.1f}" for key, value in sources.items()))
+    return 0 if upstream <= 1.1 * compressed else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
