@@ -7,9 +7,13 @@ Modes (``mode`` may be changed while it runs):
 - ``garbage``: the real answer's status and headers, but a well-formed zero-run body of random
   bytes of the length asked for (only a digest check can tell);
 - ``liar``: ``garbage`` for disk layers only, config and NVRAM passed on unchanged;
-- ``cut``: the real body until ``after`` bytes of it, then the connection closes; ``then`` is the
-  mode for later requests (``die``: the listening socket closes too, like a killed peer);
-- ``stall``: the real headers and ``after`` bytes of the body, then silence until stopped.
+- ``cut``: the real body of the first layer asked for until ``after`` bytes of it, then the
+  connection closes; ``then`` is the mode for later requests (``die``: the listening socket
+  closes too, like a killed peer);
+- ``stall``: the real headers and ``after`` bytes of every layer's body, then silence until
+  stopped.
+
+``cut`` and ``stall`` pass config and NVRAM requests on unchanged.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ def _handler(peer: BadPeer) -> type[BaseHTTPRequestHandler]:
             mode = peer.mode
             if mode == "liar":
                 mode = "garbage" if layer else "pass"
+            if mode in ("cut", "stall") and not layer:  # config and NVRAM are too small to cut
+                mode = "pass"
             if mode == "cut":
                 peer.mode = peer.then
             upstream = http.client.HTTPConnection(peer.upstream, timeout=30)
