@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pytest
 
 from tartflow.peer.wire import ZERO_RUNS, ZeroRunDecoder, encode_bytes, encode_file_range
 from tests.checks import assert_pulled, fetchable_bytes, vm_dir
-from tests.support.cli import Tartflow
+from tests.support.cli import Tartflow, command
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage
 from tests.support.peerfaults import BadPeer
@@ -292,3 +293,26 @@ def test_a_cached_layer_that_does_not_hash_right_is_never_served(
     finally:
         server.terminate()
         server.communicate(timeout=20)
+
+
+def test_the_token_can_come_from_a_prefect_secret_block(
+    user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, peer_a: Peer
+) -> None:
+    """Deployments keep the token in the Secret block ``tartflow-peer-token``; the environment
+    wins when it has one. The block is removed again: the session's server is shared."""
+    save = "import sys\nfrom prefect.blocks.system import Secret\nSecret(value=sys.argv[1]).save('tartflow-peer-token')\n"
+    drop = "from prefect.blocks.system import Secret\nSecret.delete('tartflow-peer-token')\n"
+    subprocess.run([sys.executable, "-c", save, TOKEN], env=user.env(), check=True, capture_output=True, timeout=60)
+    try:
+        env = user.env()
+        env.pop("TARTFLOW_PEER_TOKEN", None)
+        ref = f"{proxy.host}/{small_image.repository}:{small_image.tag}"
+        result = subprocess.run([*command(), "pull", "--insecure", ref], capture_output=True, text=True, timeout=180,
+                                env={**env, "TARTFLOW_PEERS": json.dumps([peer_a.url]), "TARTFLOW_READ_TIMEOUT": "30"},
+                                stdin=subprocess.DEVNULL)
+    finally:
+        subprocess.run([sys.executable, "-c", drop], env=user.env(), check=True, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert_pulled(user, proxy.host, small_image)
+    assert proxy.blob_bytes_served == 0, result.stderr
+    assert TOKEN not in result.stderr + result.stdout
