@@ -36,8 +36,8 @@ from .manifest import (
     parse_manifest,
     pick_from_index,
 )
-from .progress import reporter
 from .peer import fetch_from_peers, parse_peers
+from .progress import reporter
 from .reference import Reference, parse_reference
 from .registry.client import ClientSettings, client_for
 from .registry.mirrors import BlobSource, MirroredSource, parse_mirrors
