@@ -174,8 +174,8 @@ class _Session:
         while left:
             used: list[str] = []
             try:
-                staging.fill(index, partial(self._write, left, used, layer))
-                self.content += layer.uncompressed_size
+                if staging.fill(index, partial(self._write, left, used, layer)):  # False: done elsewhere
+                    self.content += layer.uncompressed_size
                 return
             except CorruptLayerError as exc:
                 for url in used:
