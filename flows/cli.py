@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from flows.run import run_pull
 from tartflow import cancel
 from tartflow.errors import InterruptedPull, TartflowError, UsageError
+from tartflow.peer.client import parse_peers
 from tartflow.progress import LogReporter, set_reporter
 from tartflow.reference import parse_reference
 from tartflow.registry.mirrors import parse_mirrors
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     copy.add_argument("--insecure", action="store_true", help="plain HTTP to both registries")
     copy.add_argument("--retry-for", type=_duration, default=1800.0, metavar="DURATION",
                       help="keep retrying temporary failures this long (default 30m)")
+    serve = sub.add_parser("serve", help="serve this machine's cached VMs to peer runners (needs TARTFLOW_PEER_TOKEN)")
+    serve.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on, e.g. 0.0.0.0:8377")
     sub.add_parser("list", help="list the images in Tart's OCI cache, like `tart list --source oci`")
     gc = sub.add_parser("gc", help="remove partial downloads and staging VMs that abandoned pulls left")
     gc.add_argument("--older-than", type=_duration, default=24 * 3600.0, metavar="DURATION",
@@ -111,10 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _gc(args.older_than)
         if args.command == "prune":
             return _prune(parser, args)
+        if args.command == "serve":
+            return _serve(parser, args.listen)
         try:
             for ref in (args.source, args.destination) if args.command == "copy" else (args.reference,):
                 parse_reference(ref)
             parse_mirrors(os.environ.get("TARTFLOW_MIRRORS"))
+            parse_peers(os.environ.get("TARTFLOW_PEERS"))
         except UsageError as exc:
             print(parser.format_usage().rstrip(), file=sys.stderr)
             print(f"tartflow: error: {exc}", file=sys.stderr)
@@ -178,6 +184,18 @@ def _copy(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     print(f"copied {args.source} to {args.destination} ({report.digest}): {report.copied / 1e6:.1f} MB sent, "
           f"{len(report.skipped)} blobs already there", file=sys.stderr)
+    return EXIT_OK
+
+
+def _serve(parser: argparse.ArgumentParser, listen: str) -> int:
+    from tartflow.peer import server
+    try:
+        server.parse_listen(listen)
+    except UsageError as exc:
+        print(parser.format_usage().rstrip(), file=sys.stderr)
+        print(f"tartflow: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    server.serve(listen)
     return EXIT_OK
 
 

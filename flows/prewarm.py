@@ -6,13 +6,18 @@ Each runner is a Prefect process worker serving its own work queue of the ``mac-
 fails naming the runners and images that failed. Runners default to every queue other than
 ``control`` polled by a worker in the last 10 minutes; images default to the Prefect Variable
 ``tartflow-images`` (a JSON list of references), which is what the nightly deployment uses.
+
+When runners serve their caches to each other (``deployments.fleet runner NAME --serve``), the
+pulls are spread instead of started at once: ``seeds`` runners pull from upstream, and each
+runner that finishes feeds the next ones (flows/peering.py), so the image crosses the internet
+about ``seeds`` times rather than once per runner.
 """
 
 from __future__ import annotations
 
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Any, cast
+from typing import Annotated, Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -21,8 +26,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.variables import Variable
+from pydantic import Field
 
 from flows.params import Concurrency, Mirrors, RetryFor
+from flows.peering import Spread, registered_peers, spread_order
 from flows.prewarm_prune import prune_runners
 
 __all__ = ["CONTROL_QUEUE", "IMAGES_VARIABLE", "POOL", "PULL_DEPLOYMENT", "live_runners", "prewarm_fleet"]
@@ -53,6 +60,7 @@ def prewarm_fleet(
     mirrors: Mirrors = None,
     credentials_block: str | None = None,
     prune_older_than: RetryFor | None = None,
+    seeds: Annotated[int, Field(ge=1)] = 1,
 ) -> dict[str, str]:
     """Pull images onto runners of the fleet in parallel; returns {"runner image": final state}.
 
@@ -71,6 +79,8 @@ def prewarm_fleet(
         prune_older_than: Seconds; when set, after its pulls each runner drops cached images
             that are not in this run's image list and were not accessed within that time
             (604800 = a week). Off by default.
+        seeds: Runners that pull each image from upstream first when runners serve each
+            other; every runner that finishes then feeds the next ones.
     """
     logger = get_run_logger()
     images = images or list(Variable.get(IMAGES_VARIABLE, default=[]) or [])
@@ -82,8 +92,13 @@ def prewarm_fleet(
     logger.info("prewarming %d image(s) on %d runner(s): %s", len(images), len(runners), ", ".join(runners))
     parameters = {"insecure": insecure, "concurrency": concurrency, "retry_for": retry_for, "mirrors": mirrors,
                   "credentials_block": credentials_block}
-    started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
-    finals = _wait(started)
+    serving = {runner: url for runner, url in registered_peers().items() if runner in runners}
+    if serving:
+        logger.info("runners serving peers: %s; %d seed(s) per image pull from upstream", ", ".join(serving), seeds)
+        finals = _spread(images, spread_order(runners, serving), serving, seeds, parameters)
+    else:
+        started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
+        finals = _wait(started)
     _publish(finals)
     if prune_older_than is not None:  # issue 13: retention after the pulls, per runner
         finals.update(prune_runners(runners, images, prune_older_than))
@@ -98,6 +113,30 @@ def _start(runner: str, image: str, parameters: dict[str, Any]) -> UUID:
     run = run_deployment(PULL_DEPLOYMENT, parameters={"reference": image, **parameters},
                          work_queue_name=runner, timeout=0, flow_run_name=f"{runner}: {image}")
     return cast(FlowRun, run).id
+
+
+def _spread(
+    images: list[str], runners: list[str], serving: dict[str, str], seeds: int, parameters: dict[str, Any],
+    poll: float = 2.0,
+) -> dict[tuple[str, str], tuple[str, float]]:
+    """Start pulls as peers become available (flows/peering.py); returns what _wait does."""
+    spreads = {image: Spread(image, list(runners), seeds, serving) for image in images}
+    running: dict[tuple[str, str], UUID] = {}
+    finals: dict[tuple[str, str], tuple[str, float]] = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            for image, spread in spreads.items():
+                for runner, peers in spread.next_starts():
+                    running[(runner, image)] = _start(runner, image, {**parameters, "peers": peers or None})
+            if not running:
+                return finals
+            time.sleep(poll)
+            for key, run_id in list(running.items()):
+                run = client.read_flow_run(run_id)
+                if run.state is not None and run.state.is_final():
+                    del running[key]
+                    finals[key] = (run.state.type.value, run.total_run_time.total_seconds())
+                    spreads[key[1]].finished(key[0], finals[key][0] == "COMPLETED")
 
 
 def _wait(runs: dict[tuple[str, str], UUID], poll: float = 2.0) -> dict[tuple[str, str], tuple[str, float]]:

@@ -25,7 +25,7 @@ from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import Concurrency, Mirrors, RetryFor
-from flows.secrets import use_secret_block
+from flows.secrets import use_peer_token_block, use_secret_block
 from tartflow import pull as core
 from tartflow.fetch import FetchResult
 from tartflow.progress import reporter
@@ -53,6 +53,7 @@ def pull_image(
     egress_limit: str | None = EGRESS_LIMIT,
     mirrors: Mirrors = None,
     credentials_block: str | None = None,
+    peers: list[str] | None = None,
 ) -> str:
     """Pull a Tart image into Tart's cache on this machine; returns the VM's directory.
 
@@ -67,12 +68,16 @@ def pull_image(
             e.g. {"ghcr.io": ["http://mirror.lan:5000"]}.
         credentials_block: Name of a Prefect Secret block holding registry credentials
             (never put credentials in a parameter).
+        peers: Other runners' peer endpoints (`tartflow serve`) asked for layers before
+            mirrors and the registry, e.g. ["http://runner-2.lan:8377"]; empty: $TARTFLOW_PEERS.
     """
     started = time.monotonic()
     if credentials_block:
         use_secret_block(credentials_block, parse_reference(reference).host)
     settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors,
-                                     concurrency=concurrency)
+                                     concurrency=concurrency, peers=peers)
+    if settings.peers:
+        use_peer_token_block()
     resolved = fetch_manifest(settings, reference)
     results: list[tuple[FetchResult, bool]] = []
     if not resolved.installed:
@@ -128,6 +133,7 @@ def _publish(resolved: ResolvedImage, results: list[tuple[FetchResult, bool]], s
             "size MB": round(r.size / 1e6, 2),
             "fetched MB": 0.0 if cached else round(r.fetched / 1e6, 2),
             "reused MB": 0.0 if cached else round(r.reused / 1e6, 2),
+            "peer MB": 0.0 if cached else round(r.peer / 1e6, 2),
             "already on disk MB": round((r.size if cached else r.resumed_from) / 1e6, 2),
             "seconds": 0.0 if cached else round(r.seconds, 2),
             "MB/s": round(r.fetched / 1e6 / r.seconds, 1) if r.seconds > 0 and not cached else None,
@@ -136,10 +142,13 @@ def _publish(resolved: ResolvedImage, results: list[tuple[FetchResult, bool]], s
         for r, cached in results
     ]
     fetched = sum(r.fetched for r, cached in results if not cached)
+    peer = sum(r.peer for r, cached in results if not cached)
+    reused = sum(r.reused for r, cached in results if not cached)
     summary = (
         f"**{resolved.reference}** ({resolved.manifest_digest[:19]}): "
         + ("already current in Tart's cache, nothing fetched" if resolved.installed else
            f"{fetched / 1e6:.1f} MB fetched of {resolved.compressed_size / 1e6:.1f} MB "
-           f"in {seconds:.1f} s ({fetched / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+           f"in {seconds:.1f} s ({fetched / 1e6 / max(seconds, 1e-9):.1f} MB/s); "
+           f"{peer / 1e6:.1f} MB from peers, {reused / 1e6:.1f} MB reused from Tart's cache")
     )
     create_table_artifact(table=rows, key="tartflow-pull", description=summary)

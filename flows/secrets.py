@@ -15,9 +15,13 @@ from prefect.blocks.system import Secret
 
 from tartflow.credentials import use
 from tartflow.errors import UsageError
+from tartflow.peer import current_token, use_token
 from tartflow.registry.auth import Credentials
 
-__all__ = ["use_secret_block"]
+__all__ = ["PEER_TOKEN_BLOCK", "use_peer_token_block", "use_secret_block"]
+
+#: The Secret block holding the fleet's peer token, used when $TARTFLOW_PEER_TOKEN is not set.
+PEER_TOKEN_BLOCK = "tartflow-peer-token"
 
 
 def _pair(value: Any) -> Credentials | None:
@@ -45,3 +49,16 @@ def use_secret_block(name: str, host: str) -> None:
                          "registry host to such objects")
     for key, credentials in pairs.items():
         use(key, credentials)  # type: ignore[arg-type]
+
+
+def use_peer_token_block() -> None:
+    """The peer token from Secret block ``tartflow-peer-token`` unless the environment has one;
+    without either, pulls skip peers (tartflow.peer says so once)."""
+    if current_token():
+        return
+    try:
+        value = cast(Secret[Any], Secret.load(PEER_TOKEN_BLOCK)).get()
+    except ValueError:
+        return
+    if isinstance(value, str):
+        use_token(value)

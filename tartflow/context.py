@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import cast
 
 from . import credentials
+from .peer.client import parse_peers
 from .reference import Reference
 from .registry.client import ClientSettings
 from .registry.mirrors import BlobSource, parse_mirrors, source_for
@@ -55,6 +56,7 @@ class PullSettings:
     space_margin: float = SPACE_MARGIN
     concurrency: int = 4  # layer downloads in flight: bounds the compressed bytes on disk at once
     mirrors: dict[str, list[str]] | None = None
+    peers: list[str] | None = None  # peer endpoints asked for layers first (tartflow.peer)
 
     @classmethod
     def from_env(cls, **values: object) -> PullSettings:
@@ -67,6 +69,8 @@ class PullSettings:
         # before anything runs.
         given = cast("dict[str, list[str]] | None", values.get("mirrors"))
         values["mirrors"] = parse_mirrors(given or os.environ.get("TARTFLOW_MIRRORS")) or None
+        peers = cast("list[str] | str | None", values.get("peers"))
+        values["peers"] = parse_peers(peers or os.environ.get("TARTFLOW_PEERS")) or None
         return cls(**values)  # type: ignore[arg-type]
 
     def landing(self) -> Landing:

@@ -162,7 +162,7 @@ def start_from_clone(staging: Staging, cache: TartCache) -> bool:
                     f"{'trusted' if trusted else 're-hashed'})")
     if trusted:
         for index in base.layers:
-            staging._fill(index, lambda fd, dirty: None)
+            staging.fill(index, lambda fd, dirty: None)
     return True
 
 
@@ -180,7 +180,7 @@ def verify_cloned(staging: Staging, digest: str) -> int:
             _check_digest(fd, layer)
 
         try:
-            if staging._fill(index, rehash):
+            if staging.fill(index, rehash):
                 verified += layer.uncompressed_size
         except CorruptLayerError as exc:
             reporter().note(f"cloned layer {index} is not usable ({exc}); filling it another way")

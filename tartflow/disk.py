@@ -25,7 +25,7 @@ from .manifest import DiskLayer
 from .progress import reporter
 from .sha256 import Sha256
 
-__all__ = ["ZERO_CHUNK", "LayerDecoder", "LayerState", "copy_layer", "decode_layer"]
+__all__ = ["ZERO_CHUNK", "LayerDecoder", "LayerState", "LayerWriter", "copy_layer", "decode_layer"]
 
 #: Granularity of hole detection: small enough to find holes inside blocks, large enough that
 #: the Python loop over chunks costs nothing next to decoding.
@@ -180,6 +180,10 @@ class _Writer:
             raise CorruptLayerError(f"{self.what} has content {actual[:19]}..., not "
                                     f"{self.layer.uncompressed_digest[:19]}... as the manifest says")
         reporter().layer_done()
+
+
+#: Decoded bytes from elsewhere (peers) go through the same sparse, verifying writer.
+LayerWriter = _Writer
 
 
 def _sha256_of(fd: int, offset: int, length: int) -> str:

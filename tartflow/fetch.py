@@ -53,6 +53,7 @@ class FetchResult:
     seconds: float
     reused: int = 0  # bytes not fetched because a VM in Tart's cache already had the layer
     verified: bool = False  # already verified into the staging VM: verify has nothing left to do
+    peer: int = 0  # bytes received from peers (tartflow.peer) instead of mirrors or the registry
 
 
 def fetch_blob(

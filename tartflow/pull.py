@@ -19,6 +19,7 @@ before it lets an earlier run's result of theirs count).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .manifest import (
     parse_manifest,
     pick_from_index,
 )
+from .peer import fetch_from_peers
 from .progress import reporter
 from .reference import Reference, parse_reference
 from .registry.retry import retrying
@@ -185,6 +187,14 @@ def _fetch(
     if not stored and reuse_local(ctx.cache, Staging(store, image), digest):
         reporter().skip(desc.size)
         return FetchResult(digest, desc.size, "", 0, 0, 0.0, reused=desc.size, verified=True)
+    # --- peers (issue 16): layers from other runners, verified against this manifest ---
+    if not stored and ctx.settings.peers:
+        started = time.monotonic()
+        got = fetch_from_peers(ctx.settings.peers, Staging(store, image), desc,
+                               read_timeout=ctx.settings.read_timeout)
+        if got is not None:
+            return FetchResult(digest, desc.size, "", 0, 0, time.monotonic() - started, verified=True, peer=got.wire)
+    # --- end peers ---
     client, policy = ctx.client(ref), ctx.policy
     if stored:
         return fetch_blob(store, client, ref.repository, desc, policy)

@@ -210,6 +210,11 @@ class Staging:
         layer = self.image.disk_layers[index]
         return self._fill(index, lambda fd, dirty: copy_layer(source, source_offset, layer, fd, dirty=dirty))
 
+    def fill(self, index: int, write: Callable[[int, bool], None]) -> bool:
+        """Fill disk layer ``index`` with ``write(fd, dirty)``, which must raise unless it wrote
+        the layer verified (disk.LayerWriter does); False if the layer was already done."""
+        return self._fill(index, write)
+
     @contextmanager
     def decoding(self, index: int) -> Iterator[LayerFill | None]:
         """A fill of disk layer ``index`` to feed while its blob downloads (None if the layer is
