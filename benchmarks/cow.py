@@ -39,7 +39,7 @@ import httpx
 from tartflow import cowbase, pagecache
 from tartflow.clone import can_clone
 from tartflow.manifest import parse_manifest
-from tartflow.pull import PullSettings, assemble, fetch, resolve, verify
+from tartflow.pull import PullContext, PullSettings, assemble, fetch, resolve, verify
 from tartflow.tartcache import TartCache
 from tests.support.imagebuilder import OCI_MANIFEST, build_and_push, make_disk
 from tests.support.loopfs import LoopMountRefused, loop_mount, used_bytes
@@ -92,7 +92,8 @@ def ensure_images(registry: Registry, workdir: Path, disk_size: int, layers: int
 
 def pull(home: Path, reference: str) -> dict[str, Any]:
     """One pull through the core steps; fetches and verifies four at a time."""
-    settings = PullSettings(insecure=True, tart_home=str(home), store=str(home / "tartflow"), space_margin=0)
+    settings = PullContext.build(PullSettings(insecure=True, tart_home=str(home), store=str(home / "tartflow"),
+                                              space_margin=0))
     started = time.monotonic()
     resolved = resolve(settings, reference)
     with ThreadPoolExecutor(4) as pool:

@@ -21,7 +21,7 @@ import pytest
 
 from tartflow import cowbase
 from tartflow.fetch import FetchResult
-from tartflow.pull import PullSettings, ResolvedImage, assemble, fetch, resolve, verify
+from tartflow.pull import PullContext, PullSettings, ResolvedImage, assemble, fetch, resolve, verify
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.loopfs import LoopMountRefused, loop_mount, used_bytes
 from tests.support.registry import Registry
@@ -91,7 +91,7 @@ def settings(home: Path) -> PullSettings:
 
 
 def pull(home: Path, reference: str) -> Pulled:
-    s = settings(home)
+    s = PullContext.build(settings(home))
     resolved = resolve(s, reference)
     fetched = [fetch(s, resolved.reference, resolved.manifest_digest, d) for d in resolved.blobs]
     for digest in resolved.blobs:
@@ -176,9 +176,9 @@ def test_without_clones_the_refresh_copies_as_before(tmpfs: Path, versions: Vers
 
 _KILLED_AFTER_RESOLVE = """
 import os, signal, sys
-from tartflow.pull import PullSettings, resolve
+from tartflow.pull import PullContext, PullSettings, resolve
 home = sys.argv[1]
-r = resolve(PullSettings(insecure=True, tart_home=home, store=home + "/tartflow", space_margin=0), sys.argv[2])
+r = resolve(PullContext.build(PullSettings(insecure=True, tart_home=home, store=home + "/tartflow", space_margin=0)), sys.argv[2])
 print(r.cloned, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
