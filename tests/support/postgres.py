@@ -126,16 +126,16 @@ class Postgres:
         out = self.psql("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0) FROM pg_stat_user_tables")
         return int(out or 0)
 
-    def settled_rows_written(self, quiet: float = 1.5, limit: float = 15.0) -> int:
-        """:meth:`rows_written` once two readings ``quiet`` seconds apart agree (or after
-        ``limit`` seconds): idle backends have published what they wrote by then."""
+    def settled_rows_written(self, quiet: float = 1.5, limit: float = 20.0) -> int:
+        """:meth:`rows_written` once three readings ``quiet`` seconds apart agree (or after
+        ``limit`` seconds): idle backends have published what they wrote by then, and the
+        Prefect server has recorded the events its clients sent last."""
         deadline = time.monotonic() + limit
-        last = self.rows_written()
-        while time.monotonic() < deadline:
+        last, same = self.rows_written(), 0
+        while time.monotonic() < deadline and same < 2:
             time.sleep(quiet)
             now = self.rows_written()
-            if now == last:
-                return now
+            same = same + 1 if now == last else 0
             last = now
         return last
 
@@ -148,9 +148,8 @@ class Postgres:
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError):
-                if int(entry.name) == self.pid and self.process.poll() is None:
-                    found.append(int(entry.name))
-                elif os.readlink(Path(entry.path, "cwd")).startswith(data):
+                postmaster = int(entry.name) == self.pid and self.process.poll() is None
+                if postmaster or os.readlink(Path(entry.path, "cwd")).startswith(data):
                     found.append(int(entry.name))
         return found
 
