@@ -117,3 +117,44 @@ def test_four_runners_pulling_at_once_all_complete(postgres: Postgres, registry:
         assert after.rows is not None and after.rows > 0
     finally:
         server.stop()
+
+
+_POLL_PROBE = """
+import json, sys, time
+from uuid import UUID
+from tests.support.scalerunner import _REQUESTS, _install_timing
+_install_timing(sys.argv[1])
+from flows.prewarm import _wait
+runs = {("runner-%d" % i, "image"): UUID(run_id) for i, run_id in enumerate(json.loads(sys.argv[2]))}
+open(sys.argv[3], "w").close()
+started = time.monotonic()
+finals = _wait(runs, poll=0.5)
+print(json.dumps({"seconds": time.monotonic() - started, "requests": _REQUESTS,
+                  "finals": sorted(state for state, _ in finals.values())}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_prewarm_waits_for_a_fleet_with_one_read_per_poll(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    api = prefect_server.api_url
+    flow = httpx.post(f"{api}/flows/", json={"name": "scale-poll-probe"}, timeout=60).json()
+    ids = [httpx.post(f"{api}/flow_runs/", json={"flow_id": flow["id"], "state": {"type": kind}}, timeout=60).json()["id"]
+           for kind in ["COMPLETED"] * 11 + ["RUNNING"]]
+    env = {**prefect_env(tmp_path / "prefect", api), "PYTHONPATH": str(CHECKOUT)}
+    ready = tmp_path / "waiting"
+    probe = subprocess.Popen([sys.executable, "-c", _POLL_PROBE, api, json.dumps(ids), str(ready)], env=env,
+                             cwd=CHECKOUT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and probe.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3)  # polls see eleven runs done and one still running
+    done = httpx.post(f"{api}/flow_runs/{ids[-1]}/set_state", json={"state": {"type": "COMPLETED"}, "force": True},
+                      timeout=60)
+    assert done.status_code in (200, 201), done.text
+    out, err = probe.communicate(timeout=240)
+    assert probe.returncode == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["finals"] == ["COMPLETED"] * 12
+    reads = [(method, path) for method, path, _, _ in result["requests"] if "/flow_runs" in path]
+    assert all(path.endswith("/flow_runs/filter") for _, path in reads), reads  # never one read per run
+    assert 1 <= len(reads) <= result["seconds"] / 0.5 + 2
