@@ -144,12 +144,20 @@ def idle_workers(server: ScaleServer, work: Path, count: int, seconds: float) ->
             "per_worker_per_minute": delta["requests"] / count / (delta["seconds"] / 60)}
 
 
+def save(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Raw results so far, so an interrupted run keeps what it measured."""
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "scale.json").write_text(json.dumps(results, indent=1, default=str))
+
+
 def bench_database(database: str, args: argparse.Namespace, work: Path, images: dict[int, BuiltImage],
-                   wave_image: BuiltImage) -> dict[str, Any]:
+                   wave_image: BuiltImage, results: dict[str, Any]) -> dict[str, Any]:
     root = work / database
     log(f"{database}: starting prefect server")
     server = ScaleServer(root, database)
     out: dict[str, Any] = {"database": database, "per_pull": [], "waves": []}
+    results["databases"].append(out)
     try:
         server.ensure_egress_limit(args.egress_slots)
         base0 = server.counters()
@@ -163,12 +171,14 @@ def bench_database(database: str, args: argparse.Namespace, work: Path, images: 
                 if database == args.databases[0]:
                     row["core_cpu"] = core_cpu(server, image, root / f"core-{attempt}", args.timeout)
                 out["per_pull"].append(row)
+                save(args, results)
         for n in args.runners:
             log(f"{database}: wave of {n} runners")
             homes = [root / f"wave-{n}" / f"runner-{i}" for i in range(n)]
             row = measured(server, wave_image.reference, homes, wave_image, args.timeout)
             row["layers"] = args.wave_layers
             out["waves"].append(row)
+            save(args, results)
             shutil.rmtree(root / f"wave-{n}", ignore_errors=True)
         if args.idle_workers:
             log(f"{database}: {args.idle_workers} idle workers for {args.idle_seconds * 3:.0f} s")
@@ -210,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      args.layer_kib)
             for database in args.databases:
                 try:
-                    results["databases"].append(bench_database(database, args, work, images, wave_image))
+                    bench_database(database, args, work, images, wave_image, results)
                 except PostgresUnavailable as exc:
                     log(f"{database}: skipped: {exc}")
                     results["databases"].append({"database": database, "skipped": str(exc)})
@@ -220,11 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = time.monotonic() - started
     report = render(results)
     print(report)
+    save(args, results)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "scale.md").write_text(report)
-        (args.out / "scale.json").write_text(json.dumps(results, indent=1, default=str))
     failed = sum(row["failed"] for db in results["databases"] for row in db.get("per_pull", []) + db.get("waves", []))
+    if failed:
+        log(f"{failed} failed or crashed runs")
     return 1 if failed else 0
 
 

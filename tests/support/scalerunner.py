@@ -17,6 +17,7 @@ verify, assemble) directly, without Prefect, to measure what Prefect adds on the
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import resource
@@ -120,10 +121,17 @@ def main(spec_path: str) -> int:
     except Exception as exc:  # reported, counted as a failed run by the harness
         out.update(state="CRASHED", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     out.update(cpu=_cpu() - cpu0, ended=time.time(), requests=_REQUESTS)
+    _write(result, out)
+    # Prefect's clients still send a few requests while the process winds down (the events
+    # client, slot releases): the result is written again at exit with those included.
+    atexit.register(lambda: _write(result, {**out, "requests": _REQUESTS}))
+    return 0 if out.get("state") == "COMPLETED" else 1
+
+
+def _write(result: Path, out: dict[str, Any]) -> None:
     tmp = result.with_suffix(".tmp")
     tmp.write_text(json.dumps(out))
     os.replace(tmp, result)
-    return 0 if out.get("state") == "COMPLETED" else 1
 
 
 if __name__ == "__main__":
