@@ -155,7 +155,7 @@ def bench_database(database: str, args: argparse.Namespace, work: Path, images: 
                    wave_image: BuiltImage, results: dict[str, Any]) -> dict[str, Any]:
     root = work / database
     log(f"{database}: starting prefect server")
-    server = ScaleServer(root, database)
+    server = ScaleServer(root, database, server_env=dict(kv.split("=", 1) for kv in args.server_env))
     out: dict[str, Any] = {"database": database, "per_pull": [], "waves": []}
     results["databases"].append(out)
     try:
@@ -201,6 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="single pulls per image (1)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="idle baseline window (10)")
     parser.add_argument("--idle-workers", type=int, default=2, help="idle workers to count polls of (2; 0: skip)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the Prefect server, e.g. PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED=false")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds any one wave may take (600)")
     parser.add_argument("--out", type=Path, default=None, help="directory for scale.md and scale.json")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")

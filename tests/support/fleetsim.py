@@ -91,7 +91,8 @@ class Counters:
 class ScaleServer:
     """A Prefect server for load measurements; ``database`` is ``"postgres"`` or ``"sqlite"``."""
 
-    def __init__(self, root: Path, database: str = "postgres", postgres: Postgres | None = None) -> None:
+    def __init__(self, root: Path, database: str = "postgres", postgres: Postgres | None = None,
+                 server_env: dict[str, str] | None = None) -> None:
         self.root = root
         self.database = database
         self._own_pg = postgres is None and database == "postgres"
@@ -99,7 +100,8 @@ class ScaleServer:
         try:
             home = root / "server"
             home.mkdir(parents=True, exist_ok=True)
-            self.prefect = PrefectServer(home, database_url=self.pg.url if self.pg else None, access_log=True)
+            self.prefect = PrefectServer(home, database_url=self.pg.url if self.pg else None, access_log=True,
+                                         extra_env=server_env)
         except BaseException:
             if self._own_pg and self.pg:
                 self.pg.stop()

@@ -4,7 +4,8 @@ a fleet would (each CLI process then skips starting an ephemeral server of its o
 By default the server keeps its database in SQLite under ``home``; pass ``database_url`` (as
 ``PREFECT_API_DATABASE_CONNECTION_URL`` takes it, e.g. from :mod:`tests.support.postgres`) to
 run it on PostgreSQL, as a fleet does. ``access_log=True`` keeps uvicorn's access log (one line
-per API request) in ``server.log``, which :mod:`tests.support.fleetsim` counts.
+per API request) in ``server.log``, which :mod:`tests.support.fleetsim` counts; ``extra_env``
+adds server settings (``PREFECT_SERVER_...``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 
 class PrefectServer:
-    def __init__(self, home: Path, *, database_url: str | None = None, access_log: bool = False) -> None:
+    def __init__(self, home: Path, *, database_url: str | None = None, access_log: bool = False,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.home = home
         self.database_url = database_url
         self.port = free_port()
@@ -49,6 +51,7 @@ class PrefectServer:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         if access_log:
             env.update(PREFECT_SERVER_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+        env.update(extra_env or {})
         self._proc = subprocess.Popen(
             [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env, stdout=self._log, stderr=subprocess.STDOUT,
