@@ -48,7 +48,7 @@ class PrefectServer:
         prefect = Path(sys.executable).with_name("prefect")
         env = prefect_env(home)
         if database_url:
-            pass
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
         if access_log:
             env.update(PREFECT_SERVER_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
         env.update(extra_env or {})
