@@ -13,6 +13,7 @@ import pytest
 from tests.support.cli import Tartflow
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
+from tests.support.postgres import Postgres, PostgresUnavailable, start_postgres
 from tests.support.prefectserver import PrefectServer
 from tests.support.registry import Registry, start_registry
 
@@ -55,6 +56,18 @@ def small_image(registry: Registry, tmp_path_factory: pytest.TempPathFactory) ->
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """One real ``prefect server`` for the session; CLI runs talk to it as fleet runners do."""
     server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres() -> Iterator[Postgres]:
+    """A fresh PostgreSQL on 127.0.0.1 with its own data directory, removed afterwards; skips
+    (saying why) where PostgreSQL is not installed or cannot start."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
     yield server
     server.stop()
 
