@@ -32,6 +32,7 @@ from tartflow import pull as core
 from tartflow.errors import TartflowError
 from tartflow.fetch import FetchResult
 from tartflow.pull import PullContext, PullSettings, ResolvedImage
+from tasks.egress import guarded
 
 __all__ = ["CACHE_PREFIX", "assemble_vm", "fetch_layer", "fetch_manifest", "is_temporary", "verify_digest"]
 
@@ -78,7 +79,9 @@ def fetch_layer(
     concurrency limit ``egress_limit`` (if that limit exists), so a fleet bounds its egress."""
 
     def gate() -> AbstractContextManager[object]:
-        return concurrency(egress_limit, occupy=1, strict=False) if egress_limit else nullcontext()
+        if not egress_limit:
+            return nullcontext()
+        return guarded(egress_limit, lambda: concurrency(egress_limit, occupy=1, strict=False))
 
     return core.fetch(PullContext.build(settings), reference, manifest_digest, digest, gate=gate)
 
