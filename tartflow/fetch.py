@@ -54,6 +54,7 @@ class FetchResult:
     reused: int = 0  # bytes not fetched because a VM in Tart's cache already had the layer
     verified: bool = False  # already verified into the staging VM: verify has nothing left to do
     peer: int = 0  # bytes received from peers (tartflow.peer) instead of mirrors or the registry
+    mirror: int = 0  # of ``fetched``, the bytes a pull-through mirror sent (the rest: the registry)
 
 
 def fetch_blob(
@@ -97,7 +98,7 @@ def fetch_blob(
         else:
             ingest.discard()
     return FetchResult(desc.digest, desc.size, path, download.fetched, resumed_from, time.monotonic() - started,
-                       verified=fill is not None)
+                       verified=fill is not None, mirror=download.mirrored)
 
 
 def waiting_note(desc: Descriptor, holder: str) -> None:
@@ -123,7 +124,7 @@ class _Download:
 
     def __init__(self, client: BlobSource, repository: str, desc: Descriptor, max_mismatches: int) -> None:
         self.client, self.repository, self.desc = client, repository, desc
-        self.offset = self.fetched = 0
+        self.offset = self.fetched = self.mirrored = 0
         self.mismatches, self.max_mismatches = 0, max_mismatches
 
     def save_progress(self) -> None:
@@ -190,7 +191,12 @@ class _Download:
                     )
                 if blob.start != self.offset:  # the server ignored our Range: start over
                     self.restart()
-                self._take(blob.iter_bytes())
+                fetched = self.fetched
+                try:
+                    self._take(blob.iter_bytes())
+                finally:
+                    if blob.mirror:
+                        self.mirrored += self.fetched - fetched
         except RegistryError as exc:
             if self.offset > before:  # bytes arrived: the retry need not wait long
                 raise exc.with_progress(True) from exc

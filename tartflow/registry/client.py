@@ -82,13 +82,15 @@ class ManifestResponse:
 
 @dataclass
 class BlobResponse:
-    """An open blob stream; ``start`` is the offset its first byte belongs at."""
+    """An open blob stream; ``start`` is the offset its first byte belongs at; ``mirror`` says
+    a pull-through mirror answered rather than the registry (reports count bytes per source)."""
 
     start: int
     total: int | None
     _response: httpx.Response | None
     _what: str
     _read_timeout: float | None = None
+    mirror: bool = False
 
     def iter_bytes(self) -> Iterator[bytes]:
         """Each network read as it arrives (no chunk size: httpx would buffer up to it, and a

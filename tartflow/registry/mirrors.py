@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Protocol
@@ -148,7 +149,7 @@ class MirroredSource:
                 continue
             with stack:
                 try:
-                    yield blob
+                    yield replace(blob, mirror=True) if url is not None else blob
                 except TartflowError as exc:
                     self._failed(url, exc)
                     raise
