@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import replace
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import replace
 from typing import Protocol
 from urllib.parse import urlsplit
 
