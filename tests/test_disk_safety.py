@@ -135,7 +135,7 @@ def test_a_stored_blob_altered_after_commit_is_caught_before_the_layer_is_done(t
     blob.write_bytes(encode_bytes(bytes(altered), block_size=65536))  # valid framing, other content
     staging = Staging(store, image)
     staging.prepare(b"{}")
-    with pytest.raises(CorruptLayerError, match="not .* as the manifest says"):
+    with pytest.raises(CorruptLayerError, match=r"not .* as the manifest says"):
         staging.decode(0, blob)
     assert not staging.layer_done(0)
     with pytest.raises(StoreError, match="not verified"):
@@ -172,7 +172,7 @@ def _two_images(tmp_path: Path) -> tuple[bytes, TartImage, bytes, TartImage, byt
 
 
 def test_a_layer_altered_in_tarts_cache_is_not_copied_into_staging(tmp_path: Path) -> None:
-    old_raw, old, new_raw, new, layer_blob, config, nvram = _two_images(tmp_path)
+    old_raw, old, new_raw, new, _layer_blob, config, nvram = _two_images(tmp_path)
     cache = TartCache(tmp_path / "tart")
     altered = bytearray(DATA)
     altered[200_000] = 1  # a byte of the zero run, changed after Tart's pull verified it
@@ -187,7 +187,7 @@ def test_a_layer_altered_in_tarts_cache_is_not_copied_into_staging(tmp_path: Pat
 
 
 def test_a_config_altered_in_tarts_cache_is_not_placed(tmp_path: Path) -> None:
-    old_raw, old, new_raw, new, layer_blob, config, nvram = _two_images(tmp_path)
+    old_raw, old, new_raw, new, _layer_blob, config, nvram = _two_images(tmp_path)
     cache = TartCache(tmp_path / "tart")
     _cache_vm(cache, old_raw, old.manifest_digest, DATA, config.replace(b"darwin", b"DARWIN"), nvram)
     staging = Staging(Store(tmp_path / "store"), new)
