@@ -13,11 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
+from tartflow import checkpoint
 from tartflow import pull as core
 from tartflow.context import PullContext, PullSettings
 from tartflow.disk import ZERO_CHUNK, LayerDecoder, _write_sparse
@@ -258,3 +262,71 @@ def test_a_moved_tag_sends_its_old_image_to_the_front_of_the_prune_queue(tmp_pat
     assert os.readlink(cache.repo_dir(ref) / "v1") == str(second)
     assert os.stat(first).st_atime == 0 and os.stat(second).st_atime > 0
 
+
+
+# -- checkpoint trust -------------------------------------------------------------------------
+
+@pytest.mark.skipif(not checkpoint.possible(), reason="no checkpoints here")
+@pytest.mark.parametrize("altered", [False, True], ids=["intact", "decoded-bytes-changed"])
+def test_a_checkpoint_is_trusted_only_over_the_decoded_bytes_it_saw(tmp_path: Path, altered: bool) -> None:
+    blob = encode_bytes(DATA, block_size=65536)
+    image = _image(blob, DATA)
+    digest = image.disk_layers[0].blob.digest
+    staging = Staging(Store(tmp_path), image)
+    staging.prepare(b"{}")
+    half = len(blob) // 2
+    with staging.decoding(0) as fill:  # a download decoded on the way in, stopped half way
+        assert fill is not None
+        decoder, received, blob_hash = fill.resume(digest)
+        assert received == 0
+        decoder.feed(blob[:half])
+        blob_hash.update(blob[:half])
+        fill.save_checkpoint(digest, half, blob_hash.state())
+    if altered:  # the decoded bytes the checkpoint vouches for changed since (a lost write)
+        with open(staging.dir / "disk.img", "r+b") as f:
+            f.seek(10)
+            f.write(bytes([DATA[10] ^ 0xFF]))
+    with staging.decoding(0) as fill:
+        assert fill is not None
+        decoder, received, blob_hash = fill.resume(digest)
+        assert received == (0 if altered else half)
+        decoder.feed(blob[received:])
+        blob_hash.update(blob[received:])
+        decoder.verify()
+        fill.mark_done()
+    assert "sha256:" + blob_hash.hexdigest() == digest
+    assert (staging.dir / "disk.img").read_bytes() == DATA
+
+
+# -- lock discipline --------------------------------------------------------------------------
+
+def _blocked_while_held(hold: Callable[[], AbstractContextManager[object]], work: Callable[[], object]) -> list[object]:
+    """Run ``work`` in a thread while ``hold`` is held here; assert it waits for the release."""
+    results: list[object] = []
+    with hold():
+        worker = threading.Thread(target=lambda: results.append(work()))
+        worker.start()
+        worker.join(1.0)
+        assert worker.is_alive() and results == [], "went ahead while the lock was held"
+    worker.join(60)
+    assert not worker.is_alive()
+    return results
+
+
+def test_a_layer_being_written_is_not_written_again_meanwhile(tmp_path: Path) -> None:
+    good = encode_bytes(DATA, block_size=65536)
+    staging = Staging(Store(tmp_path), _image(good, DATA))
+    staging.prepare(b"{}")
+    blob = tmp_path / "good.blob"
+    blob.write_bytes(good)
+    assert _blocked_while_held(lambda: staging.locked("layer-0"), lambda: staging.decode(0, blob)) == [True]
+    assert staging.layer_done(0)
+
+
+def test_install_waits_for_tarts_lock_on_the_host_directory(tmp_path: Path) -> None:
+    cache = TartCache(tmp_path / "tart")
+    ref = parse_reference("registry.test/acme/vm:v1")
+    staging = _vm_dir(tmp_path / "tart" / "s")
+    digest = "sha256:" + "4" * 64
+    installed = _blocked_while_held(lambda: cache.host_lock(ref.host), lambda: cache.install(ref, digest, staging))
+    assert installed == [cache.digest_dir(ref, digest)] and cache.current(ref, digest)

@@ -35,6 +35,7 @@ from tartflow.manifest import Descriptor
 from tartflow.progress import LogReporter, set_reporter
 from tartflow.registry import push
 from tartflow.registry.client import ClientSettings, RegistryClient
+from tartflow.registry.errors import redact
 from tartflow.registry.retry import RetryPolicy
 from tartflow.store import Store
 from tartflow.tartcache import TartCache
@@ -191,6 +192,12 @@ def test_a_redirected_download_failing_at_the_cdn_shows_no_signed_url(
     texts = _error_texts(info.value)
     assert any("/cdn/" in text for text in texts)
     assert not [text for text in texts if "sig=" in text or "se=" in text]
+
+
+def test_redacted_urls_keep_neither_query_nor_userinfo() -> None:
+    url = "https://robot:s3cret@cdn.example.test:8443/blobs/sha256/ab?sig=SIGNATURE&se=2030-01-01"
+    assert redact(url) == "https://cdn.example.test:8443/blobs/sha256/ab"
+    assert redact(httpx.URL(url)) == "https://cdn.example.test:8443/blobs/sha256/ab"
 
 
 # -- Retry-After ---------------------------------------------------------------------------------
