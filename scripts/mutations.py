@@ -112,6 +112,12 @@ def run_tests(copy: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, 
     return ("passed" if done.returncode == 0 else "failed"), time.monotonic() - started, tail
 
 
+def _failure_lines(tail: str) -> list[str]:
+    """The lines of pytest's output that say what failed (E lines and the summary)."""
+    lines = [line for line in tail.splitlines() if line.startswith(("E ", "FAILED", "ERROR"))]
+    return lines[-6:] or tail.splitlines()[-3:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", action="append", default=[], help="only entries whose name contains this (repeatable)")
@@ -119,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the table and exit")
     parser.add_argument("--no-baseline", action="store_true", help="do not first run the tests unmutated")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per test run (default 900)")
+    parser.add_argument("--show", action="store_true", help="print how each killed mutation's tests failed")
     args = parser.parse_args(argv)
 
     mutations = [m for m in load_table()
@@ -166,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verdict = "killed" if outcome == "failed" else "killed (timeout)"
             print(f"{verdict:9} {m.name:34} {seconds:5.0f} s  {m.description}", flush=True)
+            if args.show and outcome != "passed":
+                print("    " + "\n    ".join(_failure_lines(tail)), flush=True)
         print(f"\n{len(mutations) - len(survivors)} of {len(mutations)} mutations killed")
         if survivors:
             print("survivors (safety properties no test pins):")
