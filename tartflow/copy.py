@@ -4,9 +4,11 @@ for a whole fleet.
 Blobs stream from the source straight into upload sessions on the destination (nothing lands
 on local disk); blobs the destination already has are skipped; the manifest is pushed byte for
 byte last, so its digest is unchanged and the image is never visible half-copied. Resumable:
-each blob goes up in PATCHes of ``CHUNK`` bytes and the session URL is saved after each one,
-so a failed or interrupted copy continues from the last chunk the destination acknowledged
-(if the destination no longer knows the session, that blob starts over). This runs without
+each blob goes up in PATCHes of ``CHUNK`` bytes, each read whole from the source first (so
+memory holds one chunk), and the session URL is saved after each one, so a failed or
+interrupted copy continues from the last chunk the destination acknowledged. A PATCH cut
+mid-body (the destination's link, or a kill while sending) makes the registry forget the
+session; that blob then starts over. This runs without
 Prefect: a copy is one operator's action, not a fleet job.
 """
 
@@ -120,9 +122,13 @@ class _Upload:
                 session, offset = push.start_upload(self.dst, self.dst_repo), 0
             chunks, size = _Bounded(blob.iter_bytes(), self.desc.size - offset), _chunk_size()
             while not chunks.exhausted:
-                session = push.append(self.dst, session, chunks.take(size))
+                # The whole chunk is read before its PATCH starts, so a source that fails
+                # fails between PATCHes: a PATCH cut mid-body makes the registry drop the
+                # session (distribution answers BLOB_UPLOAD_INVALID from then on).
+                body = b"".join(chunks.take(size))
+                session = push.append(self.dst, session, body)
                 atomic_write(self.saved, session.encode())
-                self.sent += chunks.last_taken
+                self.sent += len(body)
         return session
 
 

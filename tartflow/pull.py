@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from . import cowbase, prune
 from .context import Landing, PullContext, PullSettings, store_root
-from .errors import CorruptLayerError, ImageFormatError, StoreError
+from .errors import CorruptLayerError, DigestMismatchError, ImageFormatError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
     DOCKER_LIST,
@@ -231,7 +231,14 @@ def verify(ctx: PullContext, reference: str, manifest_digest: str, digest: str) 
     written = 0
     for name, desc in (("config.json", image.config), ("nvram.bin", image.nvram)):
         if desc.digest == digest:
-            staging.place(name, desc, blob.read_bytes())
+            try:
+                staging.place(name, desc, blob.read_bytes())
+            except DigestMismatchError:
+                # Verified when committed, changed since (a disk fault, a hand edit): dropped,
+                # so the next run's fetch step finds it missing and downloads it again.
+                blob.unlink(missing_ok=True)
+                raise StoreError(f"{name} in tartflow's store ({store.root}) no longer matches its digest and "
+                                 "was removed; run the same command again to fetch it again") from None
     try:
         for index, layer in enumerate(image.disk_layers):
             if layer.blob.digest == digest and staging.decode(index, blob):

@@ -14,6 +14,7 @@ they are staging's, not the content store's.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ import filelock
 
 from . import checkpoint, cowbase, pagecache
 from .disk import LayerDecoder, copy_layer, decode_layer
-from .errors import CorruptLayerError, StoreError, TartflowError
+from .errors import CorruptLayerError, DigestMismatchError, StoreError, TartflowError
 from .manifest import Descriptor, DiskLayer, TartImage, parse_manifest
 from .reference import digest_hex
 from .sha256 import Sha256
@@ -265,7 +266,11 @@ class Staging:
                 os.close(slot.fd)
 
     def place(self, name: str, desc: Descriptor, data: bytes) -> None:
-        """Put a small verified blob (config.json, nvram.bin) into the staging VM."""
+        """Put a small blob (config.json, nvram.bin) into the staging VM, checked here against
+        its descriptor whatever its source (the store, a VM in Tart's cache): bytes changed
+        after they were verified raise DigestMismatchError and are not placed."""
+        if len(data) != desc.size or "sha256:" + hashlib.sha256(data).hexdigest() != desc.digest:
+            raise DigestMismatchError(f"{name} ({desc.digest[:19]}) does not match its digest", temporary=False)
         self._require_prepared()
         target = self.dir / name
         if not target.exists() or target.stat().st_size != desc.size:

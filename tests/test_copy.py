@@ -43,11 +43,6 @@ def test_copy_seeds_a_registry_then_skips_what_it_has(
     assert again.returncode == 0 and proxy.blob_bytes_served == 0, again.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "found by this test (issue 20): neither the run after the kill nor the retry after a cut "
-    "asks the source for a Range; the proxy's records show the interrupted blob fetched again "
-    "from 0 (1.87 MB wasted with 256 KiB chunks). Also push.uploaded_bytes reads an empty "
-    "session's 'Range: 0-0' as 1 byte held. Core fix needed in tartflow/copy.py / registry/push.py"))
 def test_interrupted_copy_resumes_from_the_last_chunk(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, lan_registry: Registry
 ) -> None:

@@ -35,8 +35,8 @@ def uploaded_bytes(client: RegistryClient, session: str) -> int | None:
     return int(last) + 1 if last.isdigit() and response.headers.get("range") else 0
 
 
-def append(client: RegistryClient, session: str, body: Iterable[bytes]) -> str:
-    """Stream ``body`` onto the session; returns the session URL to use next."""
+def append(client: RegistryClient, session: str, body: bytes | Iterable[bytes]) -> str:
+    """Send ``body`` onto the session (bytes: with a Content-Length); returns the session URL to use next."""
     response = client.call("PATCH", session, what="blob upload", expect=(202,), content=body,
                            headers={"Content-Type": "application/octet-stream"})
     return str(response.request.url.join(response.headers["location"]))
