@@ -231,7 +231,7 @@ def test_tag_then_namespace_of_the_same_name_fails_clearly(
         core.resolve(core.PullContext.build(settings), second.reference)  # before anything is fetched
     message = str(caught.value)
     assert f"{registry.host}/acme/collide:x" in message and "tag" in message and "\n" not in message, message
-    with pytest.raises(StoreError):  # and at install, should the cache change after resolve
+    with pytest.raises(StoreError, match="tag link of"):  # and at install, should the cache change after resolve
         core.PullContext.build(settings).cache.install(core.parse_reference(second.reference), second.manifest_digest)
     assert sorted(p.name for p in first_vm.iterdir()) == entries
     assert_same_vm(first_vm, first)
@@ -248,3 +248,59 @@ def test_namespace_then_tag_of_the_same_name_fails_clearly(tmp_path: Path, regis
     assert "is a directory" in message and second.reference in message and "\n" not in message, message
     assert_same_vm(_vm(settings, first.reference, first.manifest_digest), first)
     assert not _vm(settings, second.reference, second.manifest_digest).exists()
+
+
+# --- the cache's own walkers: collection, removal, listing, access times -----------------------
+
+DIGEST_A, DIGEST_B = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+
+
+def _vm_files(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "disk.img", "nvram.bin"):
+        (folder / name).write_bytes(b"x")
+    return folder
+
+
+def test_collection_and_listing_never_walk_a_linked_host_directory(tmp_path: Path) -> None:
+    from tartflow.collect import collect_host
+    from tartflow.tartcache import TartCache
+
+    cache = TartCache(tmp_path / "tart")
+    outside = tmp_path / "elsewhere" / "host"
+    _vm_files(outside / "acme" / "vm" / DIGEST_A)  # no tag links it: collection would remove it
+    (outside / "acme" / "vm" / "gone").symlink_to(outside / "acme" / "vm" / DIGEST_B)  # a broken tag
+    before = _snapshot(outside)
+    cache.oci_root.mkdir(parents=True)
+    cache.host_dir("r.example:5000").symlink_to(outside)
+    assert collect_host(cache, "r.example:5000").removed == []
+    assert cache.list() == []
+    _untouched(outside, before)
+
+
+def test_removal_never_passes_through_a_tag_link(tmp_path: Path) -> None:
+    """``acme/vm/x`` is a tag link to a digest directory beside it: a digest path below it is
+    inside that VM, and is not deleted even though it resolves inside OCIs/."""
+    from tartflow.collect import remove_digest_dir
+    from tartflow.tartcache import TartCache
+
+    cache = TartCache(tmp_path / "tart")
+    repo = cache.host_dir("r.example:5000") / "acme" / "vm"
+    nested = _vm_files(repo / DIGEST_A / DIGEST_B)  # a folder inside the first VM's directory
+    (repo / "x").symlink_to(repo / DIGEST_A)
+    assert not remove_digest_dir(cache, repo / "x" / DIGEST_B)
+    assert sorted(p.name for p in nested.iterdir()) == ["config.json", "disk.img", "nvram.bin"]
+
+
+def test_access_time_is_never_set_through_a_link(tmp_path: Path) -> None:
+    from tartflow.tartcache import TartCache
+
+    cache = TartCache(tmp_path / "tart")
+    folder = _outside(tmp_path)
+    before = _snapshot(folder)
+    repo = cache.host_dir("r.example:5000") / "acme" / "vm"
+    repo.mkdir(parents=True)
+    (repo / "v1").symlink_to(folder)
+    with pytest.raises(StoreError, match="symbolic link"):
+        cache.mark_accessed(repo / "v1")
+    _untouched(folder, before)
