@@ -6,6 +6,8 @@ test_lifecycle.py does), and once through the CLI for the one-line error."""
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +306,52 @@ def test_access_time_is_never_set_through_a_link(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="symbolic link"):
         cache.mark_accessed(repo / "v1")
     _untouched(folder, before)
+
+
+def test_a_link_made_while_install_waits_for_tarts_lock_is_refused(
+    tmp_path: Path, registry: Registry, small_image: BuiltImage
+) -> None:
+    """The layout is checked again once Tart's lock is held: a namespace replaced by a link to
+    an outside folder while install waited for a ``tart pull`` is refused, nothing deleted."""
+    import fcntl
+    import threading
+
+    settings = _settings(tmp_path)
+    ctx = core.PullContext.build(settings)
+    resolved = core.resolve(ctx, small_image.reference)
+    for digest in resolved.blobs:
+        if not core.fetch(ctx, resolved.reference, resolved.manifest_digest, digest).verified:
+            core.verify(ctx, resolved.reference, resolved.manifest_digest, digest)
+    host_dir = ctx.cache.host_dir(registry.host)
+    host_dir.mkdir(parents=True)
+    outside = tmp_path / "elsewhere" / "acme"
+    junk = outside / "small" / small_image.manifest_digest
+    junk.mkdir(parents=True)
+    (junk / "precious.txt").write_bytes(b"keep me")
+    fd = os.open(host_dir, os.O_RDONLY)  # a tart pull holding the lock
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    failures: list[BaseException] = []
+
+    def install() -> None:
+        try:
+            core.assemble(ctx, resolved.reference, resolved.manifest_digest)
+        except BaseException as exc:  # handed to the test thread
+            failures.append(exc)
+
+    worker = threading.Thread(target=install)
+    try:
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not (host_dir / "acme" / "small").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.02)  # install made the namespace and now waits for the lock
+        time.sleep(0.5)
+        shutil.rmtree(host_dir / "acme")
+        (host_dir / "acme").symlink_to(outside)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        worker.join(timeout=60)
+    assert len(failures) == 1 and isinstance(failures[0], StoreError), failures
+    assert str(host_dir / "acme") in str(failures[0])
+    assert (junk / "precious.txt").read_bytes() == b"keep me"
+    assert sorted(p.name for p in junk.iterdir()) == ["precious.txt"]
