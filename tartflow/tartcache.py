@@ -294,7 +294,15 @@ class TartCache:
 
 def _touch(path: Path) -> None:
     """Create ``path`` if missing, never through a symbolic link (O_NOFOLLOW)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise CacheLayoutError(
+                f"{path} is a symbolic link, and tartflow never writes through one in Tart's cache: "
+                "remove the link and pull again"
+            ) from exc
+        raise
     os.close(fd)
 
 

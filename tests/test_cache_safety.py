@@ -355,3 +355,21 @@ def test_a_link_made_while_install_waits_for_tarts_lock_is_refused(
     assert str(host_dir / "acme") in str(failures[0])
     assert (junk / "precious.txt").read_bytes() == b"keep me"
     assert sorted(p.name for p in junk.iterdir()) == ["precious.txt"]
+
+
+def test_explicitly_pulled_marker_is_never_written_through_a_link(
+    tmp_path: Path, registry: Registry, small_image: BuiltImage
+) -> None:
+    settings = _settings(tmp_path)
+    ref = f"{registry.host}/{small_image.repository}@{small_image.manifest_digest}"
+    _pull(settings, ref)
+    vm = _vm(settings, ref, small_image.manifest_digest)
+    outside = tmp_path / "elsewhere" / "notes.txt"
+    outside.parent.mkdir(parents=True)
+    outside.write_bytes(b"mine")
+    os.utime(outside, (OLD, OLD))
+    (vm / ".explicitly-pulled").unlink()
+    (vm / ".explicitly-pulled").symlink_to(outside)
+    with pytest.raises(StoreError, match="symbolic link"):
+        _pull(settings, ref)
+    assert outside.read_bytes() == b"mine" and os.lstat(outside).st_mtime == OLD
