@@ -45,8 +45,11 @@ class Collected:
 
 
 def tag_links(host_dir: Path) -> dict[Path, list[Path]]:
-    """Every symbolic link under ``host_dir`` -> its target as an absolute path (unresolved)."""
+    """Every symbolic link under ``host_dir`` -> its target as an absolute path (unresolved);
+    none when ``host_dir`` itself is a link (it is not walked: os.walk follows its top)."""
     links: dict[Path, list[Path]] = {}
+    if host_dir.is_symlink():
+        return links
     for dirpath, dirnames, filenames in os.walk(host_dir):
         here = Path(dirpath)
         for name in (*dirnames, *filenames):
@@ -59,8 +62,11 @@ def tag_links(host_dir: Path) -> dict[Path, list[Path]]:
 
 
 def digest_dirs(host_dir: Path) -> list[Path]:
-    """Real directories named ``sha256:*`` under ``host_dir`` (never through a symlink)."""
+    """Real directories named ``sha256:*`` under ``host_dir`` (never through a symlink, so
+    none when ``host_dir`` itself is one)."""
     found: list[Path] = []
+    if host_dir.is_symlink():
+        return found
     for dirpath, dirnames, _ in os.walk(host_dir):
         here = Path(dirpath)
         for name in dirnames:
@@ -74,7 +80,7 @@ def collect_host(cache: TartCache, host: str) -> Collected:
     """Collect ``OCIs/<host>`` as Tart's ``gc()`` would; the caller holds the host lock."""
     host_dir = cache.host_dir(host)
     done = Collected()
-    if not host_dir.is_dir():
+    if not host_dir.is_dir() or host_dir.is_symlink():
         return done
     links = tag_links(host_dir)
     # Compared resolved: a link Tart wrote through another spelling of TART_HOME still counts.
@@ -100,7 +106,8 @@ def _is_vm(path: Path) -> bool:
 
 def remove_digest_dir(cache: TartCache, path: Path) -> bool:
     """Delete one digest directory of Tart's cache; refuses anything that is not a real
-    directory named ``sha256:*`` strictly inside ``OCIs/`` of this ``TART_HOME``."""
+    directory named ``sha256:*`` strictly inside ``OCIs/`` of this ``TART_HOME``, reached
+    without passing through a symbolic link."""
     root = os.path.realpath(cache.oci_root)
     try:
         st = os.lstat(path)
@@ -108,7 +115,8 @@ def remove_digest_dir(cache: TartCache, path: Path) -> bool:
         return False
     parent = os.path.realpath(path.parent)
     inside = parent == root or parent.startswith(root + os.sep)
-    if not stat.S_ISDIR(st.st_mode) or not path.name.startswith("sha256:") or not inside or parent == root:
+    plain = cache.plain(path)
+    if not stat.S_ISDIR(st.st_mode) or not path.name.startswith("sha256:") or not inside or parent == root or not plain:
         log.warning("refusing to delete %s: not a digest directory inside %s", path, cache.oci_root)
         return False
     # rename first, so nobody sees half a VM at its final path, then delete at leisure

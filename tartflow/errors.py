@@ -16,6 +16,7 @@ the one it caught, instead of editing it.
 from __future__ import annotations
 
 __all__ = [
+    "CacheLayoutError",
     "CorruptLayerError",
     "DigestMismatchError",
     "ImageFormatError",
@@ -127,6 +128,12 @@ class CorruptLayerError(DigestMismatchError):
 
 class StoreError(TartflowError):
     """tartflow's content store or Tart's cache could not be read or written."""
+
+
+class CacheLayoutError(StoreError):
+    """Tart's cache holds a symbolic link, or something that is not a directory, where tartflow
+    would have to write or delete through it (tartcache.py): nothing is touched, the message
+    names the path and what to move away. Permanent: it stays until a person fixes it."""
 
 
 class InsufficientSpaceError(StoreError):

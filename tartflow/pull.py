@@ -19,12 +19,13 @@ before it lets an earlier run's result of theirs count).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
-from . import cowbase, prune
+from . import cowbase, intact, prune
 from .context import Landing, PullContext, PullSettings, store_root
 from .errors import CorruptLayerError, DigestMismatchError, ImageFormatError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
@@ -95,6 +96,7 @@ def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
     layers_pending = 0
     clone = cowbase.CloneSummary("", 0)
     if not installed:
+        _say_why_not_current(ctx, ref, got.digest)
         staging = Staging(ctx.store, image)
         # Prepared first: a disk that starts as a clone of a trusted base already has those
         # layers done, so they are neither fetched nor counted as space needed (cowbase.py).
@@ -115,9 +117,19 @@ def load_image(store: Store, manifest_digest: str) -> TartImage:
 
 
 def _installed(ctx: PullContext, ref: Reference, manifest_digest: str) -> bool:
-    """True once any pull (another process, another flow run) has installed this VM: the
-    remaining steps have nothing left to do, and its blobs may already be gone."""
-    return ctx.cache.is_vm(ctx.cache.digest_dir(ref, manifest_digest))
+    """True once any pull (another process, another flow run) has installed this VM and it is
+    intact (intact.py): the remaining steps have nothing left to do, and its blobs may already
+    be gone. A damaged copy is not installed: it is pulled again, reusing what still verifies
+    (its own disk layers included, reuse.py), and replaced at install. CacheLayoutError when
+    the cache has a link where a pull would write (tartcache.py), before anything is fetched."""
+    return ctx.cache.installed(ref, manifest_digest)
+
+
+def _say_why_not_current(ctx: PullContext, ref: Reference, manifest_digest: str) -> None:
+    target = ctx.cache.digest_dir(ref, manifest_digest)
+    if os.path.lexists(target) and (reason := intact.problem(target)) is not None:
+        reporter().note(f"the cached copy at {target} is not intact ({reason}); pulling it again, "
+                        "reusing what still verifies")
 
 
 @dataclass(frozen=True)
@@ -263,12 +275,12 @@ def assemble(ctx: PullContext, reference: str, manifest_digest: str) -> str:
     ref = parse_reference(reference)
     cache, store = ctx.cache, ctx.store
     target = cache.digest_dir(ref, manifest_digest)
-    if cache.is_vm(target):
+    if cache.installed(ref, manifest_digest):
         return str(cache.install(ref, manifest_digest))
     image = load_image(store, manifest_digest)
     staging = Staging(store, image)
     with staging.locked():
-        if not cache.is_vm(target):
+        if not cache.installed(ref, manifest_digest):
             staging.check_complete()
             staging.sync()
             cache.install(ref, manifest_digest, staging.dir)

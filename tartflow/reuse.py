@@ -12,6 +12,8 @@ content digest, like a download. Config and NVRAM blobs are stored raw, so a ``c
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +42,17 @@ def _local_vms(cache: TartCache, staging: Staging) -> Iterator[_LocalVM]:
     # Digest directories are found without listing them: a listing moves their access time,
     # which prune ranks them by. Entries without disk.img (stacked images) are stepped over.
     hosts = sorted(p for p in cache.oci_root.iterdir() if p.is_dir()) if cache.oci_root.is_dir() else []
+    # A damaged copy of this very image (a re-pull replaces it) is a source too: its layers
+    # are verified by content digest like any other's. Only a regular disk.img is read from.
     for vm in (vm for host in hosts for vm in digest_dirs(host)):
-        manifest = vm / "manifest.json"
-        if vm.name == exclude or not cache.is_vm(vm):
+        disk = _regular(vm / "disk.img")
+        if disk is None:
             continue
         try:
-            yield _LocalVM(vm, parse_manifest(manifest.read_bytes(), vm.name), lambda i: True)
+            image = parse_manifest((vm / "manifest.json").read_bytes(), vm.name)
         except (TartflowError, OSError):  # collected meanwhile, or not a manifest we can use
             continue
+        yield _LocalVM(vm, image, _within(image, disk.st_size))
     for image in staged_images(staging.store, besides=exclude):
         other = Staging(staging.store, image)
         yield _LocalVM(other.dir, other.image, other.layer_done)
@@ -85,8 +90,23 @@ def reuse_local(cache: TartCache, staging: Staging, digest: str) -> bool:
 
 
 def _read_exact(path: Path, size: int) -> bytes:
-    """The file's bytes if it exists with exactly ``size`` bytes, else b""."""
+    """The file's bytes if it is a regular file (not a link) of exactly ``size`` bytes, else b""."""
     try:
-        return path.read_bytes() if path.stat().st_size == size else b""
+        st = path.lstat()
+        return path.read_bytes() if stat.S_ISREG(st.st_mode) and st.st_size == size else b""
     except FileNotFoundError:
         return b""
+
+
+def _regular(path: Path) -> os.stat_result | None:
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _within(image: TartImage, disk_size: int) -> Callable[[int], bool]:
+    """Whether disk layer i lies inside a ``disk.img`` of ``disk_size`` bytes (a truncated disk
+    holds none of the layers past its end)."""
+    return lambda i: image.disk_layers[i].offset + image.disk_layers[i].uncompressed_size <= disk_size
