@@ -18,11 +18,14 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.variables import Variable
 
+from flows import events
 from flows.params import Concurrency, Mirrors, RetryFor
+from flows.progress import PrewarmTable
 
 __all__ = ["CONTROL_QUEUE", "IMAGES_VARIABLE", "POOL", "PULL_DEPLOYMENT", "live_runners", "prewarm_fleet"]
 
@@ -80,6 +83,8 @@ def prewarm_fleet(
     started = {(runner, image): _start(runner, image, parameters) for runner in runners for image in images}
     finals = _wait(started)
     _publish(finals)
+    events.prewarm_completed(str(FlowRunContext.get().flow_run.id),  # type: ignore[union-attr]
+                             {key: state for key, (state, _) in finals.items()})
     failed = [f"{runner} ({image}: {state})" for (runner, image), (state, _) in finals.items() if state != "COMPLETED"]
     if failed:
         raise RuntimeError(f"prewarm failed on {len(failed)} of {len(finals)}: " + "; ".join(failed))
@@ -96,20 +101,26 @@ def _start(runner: str, image: str, parameters: dict[str, Any]) -> UUID:
 def _wait(runs: dict[tuple[str, str], UUID], poll: float = 2.0) -> dict[tuple[str, str], tuple[str, float]]:
     """Poll until every flow run is final; returns (state name, run seconds) per run."""
     finals: dict[tuple[str, str], tuple[str, float]] = {}
+    table = PrewarmTable(list(runs))
+    states: dict[tuple[str, str], tuple[str, float | None]] = {}
     with get_client(sync_client=True) as client:
         while len(finals) < len(runs):
             for key, run_id in runs.items():
                 if key in finals:
                     continue
                 run = client.read_flow_run(run_id)
+                states[key] = (run.state.type.value if run.state else "SCHEDULED", None)
                 if run.state is not None and run.state.is_final():
                     finals[key] = (run.state.type.value, run.total_run_time.total_seconds())
+                    states[key] = finals[key]
+            table.update(client, runs, states, len(finals))
             if len(finals) < len(runs):
                 time.sleep(poll)
     return finals
 
 
 def _publish(finals: dict[tuple[str, str], tuple[str, float]]) -> None:
+    """The final table: the latest version of the key, after the live one the wait loop kept."""
     rows = [{"runner": runner, "image": image, "state": state, "seconds": round(seconds, 1)}
             for (runner, image), (state, seconds) in sorted(finals.items())]
     ok = sum(1 for state, _ in finals.values() if state == "COMPLETED")

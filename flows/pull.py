@@ -21,10 +21,13 @@ from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import events
 from flows.params import Concurrency, Mirrors, RetryFor
+from flows.progress import PullProgress
 from flows.secrets import use_secret_block
 from tartflow import pull as core
 from tartflow.fetch import FetchResult
@@ -33,7 +36,7 @@ from tartflow.pull import PullContext, PullSettings, ResolvedImage
 from tartflow.reference import parse_reference
 from tasks.pull import assemble_vm, fetch_layer, fetch_manifest, verify_digest
 
-__all__ = ["EGRESS_LIMIT", "pull_image"]
+__all__ = ["EGRESS_LIMIT", "pull_image", "run_name", "sources"]
 
 #: Threads for task runs: fetches are bounded by ``concurrency`` below, verifies ride along.
 _POOL = 32
@@ -44,7 +47,29 @@ _fetch_afresh = fetch_layer.with_options(refresh_cache=True)
 _verify_afresh = verify_digest.with_options(refresh_cache=True)
 
 
-@flow(name="pull-image", task_runner=ThreadPoolTaskRunner(max_workers=_POOL), log_prints=False)  # type: ignore[arg-type]
+def run_name() -> str:
+    """``<runner>: <reference>`` for a run a runner's worker took from its queue, else
+    ``pull <reference>`` (the ``tartflow`` command, a local run)."""
+    ctx = FlowRunContext.get()
+    reference = str((ctx.parameters or {}).get("reference", "")) if ctx else ""
+    run = ctx.flow_run if ctx else None
+    if run is not None and run.deployment_id is not None and run.work_queue_name:
+        return f"{run.work_queue_name}: {reference}"
+    return f"pull {reference}"
+
+
+def sources(result: FetchResult, cached: bool) -> dict[str, int]:
+    """Bytes of one blob by where they came from (zeros left out)."""
+    if cached:
+        return {"earlier run": result.size}
+    found = {"registry": result.fetched, "tart cache": result.reused, "on disk": result.resumed_from}
+    rest = result.size - sum(found.values())  # verified into staging by another pull
+    if rest > 0:
+        found["other pull"] = rest
+    return {k: v for k, v in found.items() if v > 0}
+
+
+@flow(name="pull-image", flow_run_name=run_name, task_runner=ThreadPoolTaskRunner(max_workers=_POOL), log_prints=False)  # type: ignore[arg-type]
 def pull_image(
     reference: str,
     insecure: bool = False,
@@ -69,16 +94,29 @@ def pull_image(
             (never put credentials in a parameter).
     """
     started = time.monotonic()
-    if credentials_block:
-        use_secret_block(credentials_block, parse_reference(reference).host)
-    settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors)
-    resolved = fetch_manifest(settings, reference)
-    results: list[tuple[FetchResult, bool]] = []
-    if not resolved.installed:
-        reporter().plan(resolved.compressed_size, resolved.layers_pending)
-        results = _fetch_and_verify(settings, resolved, concurrency, egress_limit or None)
-    path = assemble_vm(settings, resolved.reference, resolved.manifest_digest)
-    _publish(resolved, results, time.monotonic() - started)
+    digest: str | None = None
+    try:
+        with PullProgress():
+            if credentials_block:
+                use_secret_block(credentials_block, parse_reference(reference).host)
+            settings = PullSettings.from_env(insecure=insecure, retry_for=retry_for, mirrors=mirrors)
+            resolved = fetch_manifest(settings, reference)
+            digest = resolved.manifest_digest
+            reporter().started(resolved.reference, digest, resolved.compressed_size, resolved.disk_size,
+                               resolved.layers_pending)
+            results: list[tuple[FetchResult, bool]] = []
+            if not resolved.installed:
+                reporter().plan(resolved.compressed_size, resolved.layers_pending)
+                results = _fetch_and_verify(settings, resolved, concurrency, egress_limit or None)
+            path = assemble_vm(settings, resolved.reference, resolved.manifest_digest)
+    except Exception as exc:
+        events.pull_failed(reference, digest, exc)
+        raise
+    seconds = time.monotonic() - started
+    _publish(resolved, results, seconds)
+    events.image_pulled(resolved.reference, resolved.manifest_digest, seconds=seconds,
+                        fetched=sum(r.fetched for r, cached in results if not cached),
+                        already_current=resolved.installed)
     return path
 
 
@@ -108,6 +146,7 @@ def _fetch_and_verify(
             if cached:  # the core did not run, so it reported nothing of this blob
                 reporter().skip(fetched.size)
             results.append((fetched, cached))
+            reporter().blob_done(digest, fetched.size, sources(fetched, cached))
             # A layer decoded on the way in was verified by its fetch, unless that was a cached
             # claim whose staging VM has gone since.
             if not (fetched.verified and outputs.verified(digest)):
