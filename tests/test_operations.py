@@ -138,7 +138,7 @@ def read_events(api_url: str, names: list[str], resource_id: str | None = None) 
     return events
 
 
-def wait_for_events(api_url: str, names: list[str], resource_id: str, count: int = 1) -> list[dict[str, Any]]:
+def wait_for_events(api_url: str, names: list[str], resource_id: str | None = None, count: int = 1) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 60
     while True:
         found = read_events(api_url, names, resource_id)
@@ -156,7 +156,7 @@ def test_with_a_server_a_current_image_still_runs_the_flow_named_after_it(
         assert result.returncode == 0, result.stderr
     runs = _read_flow_runs(prefect_server.api_url, f"pull {ref}")
     assert len(runs) >= 2 and all(r["state_type"] == "COMPLETED" for r in runs)
-    pulled = wait_for_events(prefect_server.api_url, ["tartflow.image.pulled"], f"tartflow.image.{ref}", 2)
+    pulled = wait_for_events(prefect_server.api_url, ["tartflow.image.pulled"], f"tartflow.image.{ref}", count=2)
     assert len(pulled) >= 2
     for event in pulled:
         assert event["resource"]["tartflow.image.digest"] == small_image.manifest_digest
