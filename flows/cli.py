@@ -5,11 +5,11 @@ functions (``TartCache.list``, ``tartflow.gc.collect``, ``tartflow.copy.copy_ima
 without Prefect.
 
 Exit codes: 0 done; 2 usage error (with the usage line); 130 interrupted (SIGINT/SIGTERM);
-1 any other failure. ``pull --json`` writes one JSON object per line on stdout and nothing else
-(``tartflow.jsonout``; errors still also go to stderr as one line), ending with one ``end``
-object that carries the exit code. An image already current in Tart's cache is answered
-without Prefect when no Prefect server is configured (``flows.current``). Every error is one line on stderr; a traceback only with ``--verbose``
-and only for what is not an expected failure. Prefect is imported only when a flow runs
+1 any other failure. Every error is one line on stderr; a traceback only with ``--verbose``
+and only for what is not an expected failure. ``pull --json`` writes one JSON object per line
+on stdout and nothing else (``tartflow.jsonout``), ending with one ``end`` object that carries
+the exit code. An image already current in Tart's cache is answered without Prefect when no
+Prefect server is configured (``flows.current``). Prefect is imported only when a flow runs
 (``flows.run`` imports it inside ``run_pull``), so ``tartflow list`` and usage errors answer
 at once.
 """

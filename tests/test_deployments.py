@@ -217,3 +217,20 @@ def test_pull_runs_publish_a_layer_table(fleet: Fleet) -> None:
     )
     kinds = set(fleet.python(code).split("\n"))
     assert {"tartflow-pull table", "tartflow-prewarm table"} <= kinds
+
+
+def test_the_fleet_convenience_is_idempotent_over_a_fleet_made_with_prefects_commands(fleet: Fleet) -> None:
+    images = '["example.invalid/acme/macos:v1"]'
+    setup = subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--images", images],
+                           env=fleet.env, capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
+    assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    code = (
+        "from prefect.variables import Variable\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    limit = c.read_global_concurrency_limit_by_name('tartflow-egress').limit\n"
+        "    pulls = c.read_deployment_by_name('pull-image/on-demand').pull_steps\n"
+        "print(Variable.get('tartflow-images'), limit, pulls)\n"
+    )
+    out = fleet.python(code)
+    assert "['example.invalid/acme/macos:v1'] 4 [{'deployments.steps.installed_code': {}}]" in out, out
