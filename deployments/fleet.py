@@ -7,7 +7,9 @@
 Creates (when missing) the process work pool ``mac-runners`` with its ``control`` queue, the
 global concurrency limit ``tartflow-egress`` (layer downloads in flight across the fleet), sets
 the Variable ``tartflow-images`` when ``--images`` is given, then runs ``prefect deploy --all``
-with ``TARTFLOW_CHECKOUT`` pointing at this checkout. Needs ``PREFECT_API_URL``.
+in the checkout. Needs ``PREFECT_API_URL``. A convenience: Prefect's own ``prefect work-pool
+create`` and ``prefect deploy --all`` give working deployments too (their pull step runs the
+flows of the tartflow installed in each worker's Python, see ``deployments/steps.py``).
 
 ``runner NAME`` creates the runner's work queue when missing (a Prefect worker does not create
 the queue it is told to serve, and a queue nobody created is never marked as polled, so the
@@ -123,9 +125,8 @@ def run_worker_and_peer(name: str, listen: str, advertise: str | None) -> int:
 
 
 def deploy(checkout: Path) -> None:
-    env = {**os.environ, "TARTFLOW_CHECKOUT": str(checkout)}
     prefect = Path(sys.executable).with_name("prefect")
-    subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=checkout, env=env, check=True)
+    subprocess.run([str(prefect), "--no-prompt", "deploy", "--all"], cwd=checkout, check=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     setup = sub.add_parser("setup", help="create pool, queue, limit, variable; deploy everything")
     setup.add_argument("--egress-slots", type=int, default=8, help="layer downloads in flight fleet-wide (8)")
     setup.add_argument("--images", help='JSON list of references for the nightly refresh, e.g. \'["ghcr.io/a/b:c"]\'')
-    setup.add_argument("--checkout", type=Path, default=CHECKOUT, help="checkout the workers run from")
+    setup.add_argument("--checkout", type=Path, default=CHECKOUT, help="checkout to deploy from (prefect.yaml)")
     runner = sub.add_parser("runner", help="serve this machine's queue: create it if missing, start the worker")
     runner.add_argument("name", help="the runner's work queue name, e.g. its host name")
     runner.add_argument("--serve", metavar="HOST:PORT", help="also serve this runner's Tart cache to its peers")

@@ -6,7 +6,10 @@ without Prefect.
 
 Exit codes: 0 done; 2 usage error (with the usage line); 130 interrupted (SIGINT/SIGTERM);
 1 any other failure. Every error is one line on stderr; a traceback only with ``--verbose``
-and only for what is not an expected failure. Prefect is imported only when a flow runs
+and only for what is not an expected failure. ``pull --json`` writes one JSON object per line
+on stdout and nothing else (``tartflow.jsonout``), ending with one ``end`` object that carries
+the exit code. An image already current in Tart's cache is answered without Prefect when no
+Prefect server is configured (``flows.current``). Prefect is imported only when a flow runs
 (``flows.run`` imports it inside ``run_pull``), so ``tartflow list`` and usage errors answer
 at once.
 """
@@ -20,11 +23,13 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from flows.current import answer_if_current, prefect_api_configured
 from flows.run import run_pull
 from tartflow import cancel
 from tartflow.errors import InterruptedPull, TartflowError, UsageError
+from tartflow.jsonout import JsonLines
 from tartflow.peer.client import parse_peers
-from tartflow.progress import LogReporter, set_reporter
+from tartflow.progress import LogReporter, Reporter, set_reporter
 from tartflow.reference import parse_reference
 from tartflow.registry.mirrors import parse_mirrors
 from tartflow.tartcache import TartCache
@@ -68,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hold a slot of this Prefect global concurrency limit while downloading (fleets)")
     pull.add_argument("--credentials-block", metavar="NAME", default=None,
                       help="registry credentials from this Prefect Secret block (fleets with a Prefect server)")
+    pull.add_argument("--json", action="store_true",
+                      help="one JSON object per line on stdout: start, progress, layer, end (schema in README)")
     pull.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     copy = sub.add_parser("copy", help="copy a Tart image between registries (seed a LAN registry for a fleet)")
     copy.add_argument("source", help="host[:port]/namespace[:tag|@sha256:<hex>]")
@@ -105,17 +112,34 @@ def _add_prune(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    lines = JsonLines(sys.stdout) if "pull" in argv and "--json" in argv else None
+    try:
+        code, error, status = _main(argv, lines)
+    except SystemExit as exc:  # argparse has printed the usage line and the error on stderr
+        if lines is None or exc.code in (0, None):
+            raise
+        code, error, status = EXIT_USAGE, UsageError("invalid command line; see the usage line on stderr"), "usage-error"
+    if lines is not None:
+        lines.end(status, code, error)
+    return code
+
+
+def _main(argv: list[str], lines: JsonLines | None) -> tuple[int, BaseException | None, str]:
+    """Run the command; returns the exit code, the error it ended with and a one-word status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "list":
-            return _list()
+            return _list(), None, "ok"
         if args.command == "gc":
-            return _gc(args.older_than)
+            return _gc(args.older_than), None, "ok"
         if args.command == "prune":
-            return _prune(parser, args)
+            code = _prune(parser, args)
+            return code, None, "ok" if code == EXIT_OK else "usage-error"
         if args.command == "serve":
-            return _serve(parser, args.listen)
+            code = _serve(parser, args.listen)
+            return code, None, "ok" if code == EXIT_OK else "usage-error"
         try:
             for ref in (args.source, args.destination) if args.command == "copy" else (args.reference,):
                 parse_reference(ref)
@@ -124,24 +148,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UsageError as exc:
             print(parser.format_usage().rstrip(), file=sys.stderr)
             print(f"tartflow: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        return _copy(args) if args.command == "copy" else _pull(args)
+            return EXIT_USAGE, exc, "usage-error"
+        if args.command == "copy":
+            return _copy(args), None, "ok"
+        return _pull(args, lines)
     except InterruptedPull as exc:
         print(f"tartflow: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, exc, "interrupted"
     except TartflowError as exc:
         print(f"tartflow: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILED, exc, "failed"
 
 
-def _pull(args: argparse.Namespace) -> int:
+def _pull(args: argparse.Namespace, lines: JsonLines | None) -> tuple[int, BaseException | None, str]:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    live = sys.stderr.isatty() and not args.verbose
+    started = time.monotonic()
+    old = set_reporter(lines or LogReporter(interval=5.0, emit=_print_line))
+    try:
+        if not (prefect_api_configured() or args.credentials_block):
+            found = answer_if_current(args.reference, insecure=args.insecure, retry_for=args.retry_for)
+            if found is not None:
+                print(f"{args.reference} is current in Tart's cache at {found.path} ({found.digest[:19]}); "
+                      f"nothing to pull, access time refreshed ({time.monotonic() - started:.1f} s)",
+                      file=sys.stderr)
+                return EXIT_OK, None, "current"
+        return _run_flow(args, lines, started)
+    finally:
+        set_reporter(old)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_flow(args: argparse.Namespace, lines: JsonLines | None, started: float) -> tuple[int, BaseException | None, str]:
+    live = sys.stderr.isatty() and not args.verbose and lines is None
     from tartflow import render  # rich, only for a pull
 
-    view = render.LiveReporter(sys.stderr) if live else LogReporter(interval=5.0, emit=_print_line)
+    view: Reporter = lines or (render.LiveReporter(sys.stderr) if live else LogReporter(interval=5.0, emit=_print_line))
     old = set_reporter(view)
-    started = time.monotonic()
     try:
         with render.showing(view):
             path = run_pull(
@@ -160,13 +203,11 @@ def _pull(args: argparse.Namespace) -> int:
         if args.verbose or not isinstance(exc, Exception):
             raise
         print(f"tartflow: error: {type(exc).__name__}: {exc} (run with --verbose for details)", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_FAILED, exc, "failed"
     finally:
         set_reporter(old)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     print(f"pulled {args.reference} into {path} in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    return EXIT_OK
+    return EXIT_OK, None, "pulled"
 
 
 def _copy(args: argparse.Namespace) -> int:

@@ -23,15 +23,18 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
-from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
 from prefect.variables import Variable
 from pydantic import Field
 
+from flows import events
 from flows.params import Concurrency, Mirrors, RetryFor
 from flows.peering import Spread, registered_peers, spread_order
 from flows.prewarm_prune import prune_runners
+from flows.progress import PrewarmTable
 
 __all__ = ["CONTROL_QUEUE", "IMAGES_VARIABLE", "POOL", "PULL_DEPLOYMENT", "live_runners", "prewarm_fleet"]
 
@@ -104,6 +107,8 @@ def prewarm_fleet(
     _publish(finals)
     if prune_older_than is not None:  # issue 13: retention after the pulls, per runner
         finals.update(prune_runners(runners, images, prune_older_than))
+    events.prewarm_completed(str(FlowRunContext.get().flow_run.id),  # type: ignore[union-attr]
+                             {key: state for key, (state, _) in finals.items()})
     failed = [f"{runner} ({image}: {state})" for (runner, image), (state, _) in finals.items() if state != "COMPLETED"]
     if failed:
         raise RuntimeError(f"prewarm failed on {len(failed)} of {len(finals)}: " + "; ".join(failed))
@@ -144,28 +149,35 @@ def _spread(
 def _wait(runs: dict[tuple[str, str], UUID], poll: float = 2.0) -> dict[tuple[str, str], tuple[str, float]]:
     """Poll until every flow run is final; returns (state name, run seconds) per run.
 
-    Each poll is one filtered read per 200 runs still waiting, asking only for those that
-    reached a final state, so its cost does not grow with the fleet: reading each run by id
+    Each poll is one filtered read per 200 runs still waiting (their states feed the live
+    table) plus one read of their progress artifacts, so its request count does not grow with
+    the fleet: reading each run by id
     was a request per runner every ``poll`` seconds, 500 requests/s for 1,000 runners
     (docs/scale.md).
     """
     key_of = {run_id: key for key, run_id in runs.items()}
     finals: dict[tuple[str, str], tuple[str, float]] = {}
+    table = PrewarmTable(list(runs))
+    states: dict[tuple[str, str], tuple[str, float | None]] = {}
     with get_client(sync_client=True) as client:
         while len(finals) < len(runs):
             waiting = [run_id for key, run_id in runs.items() if key not in finals]
             for start in range(0, len(waiting), _PAGE):
-                done = FlowRunFilter(id=FlowRunFilterId(any_=waiting[start:start + _PAGE]),
-                                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=list(TERMINAL_STATES))))
-                for run in client.read_flow_runs(flow_run_filter=done, limit=_PAGE):
-                    state = run.state.type.value if run.state else "UNKNOWN"
-                    finals[key_of[run.id]] = (state, run.total_run_time.total_seconds())
+                page = FlowRunFilter(id=FlowRunFilterId(any_=waiting[start:start + _PAGE]))
+                for run in client.read_flow_runs(flow_run_filter=page, limit=_PAGE):
+                    key = key_of[run.id]
+                    states[key] = (run.state.type.value if run.state else "SCHEDULED", None)
+                    if run.state is not None and run.state.is_final():
+                        finals[key] = (run.state.type.value, run.total_run_time.total_seconds())
+                        states[key] = finals[key]
+            table.update(client, runs, states, len(finals))
             if len(finals) < len(runs):
                 time.sleep(poll)
     return finals
 
 
 def _publish(finals: dict[tuple[str, str], tuple[str, float]]) -> None:
+    """The final table: the latest version of the key, after the live one the wait loop kept."""
     rows = [{"runner": runner, "image": image, "state": state, "seconds": round(seconds, 1)}
             for (runner, image), (state, seconds) in sorted(finals.items())]
     ok = sum(1 for state, _ in finals.values() if state == "COMPLETED")

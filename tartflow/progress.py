@@ -18,8 +18,15 @@ log = logging.getLogger("tartflow")
 
 
 class Reporter:
-    """Receives progress events; every method may be called from many threads."""
+    """Receives progress events; every method may be called from many threads.
 
+    ``started`` and ``blob_done`` come from the layer above the core (the flow, or the CLI's
+    answer for a current image): the image a pull resolved, and what each blob cost once it
+    is done (``sources``: bytes per source, e.g. ``{"registry": n, "tart cache": m}``).
+    """
+
+    def started(self, reference: str, digest: str, compressed_size: int, disk_size: int, layers: int) -> None: ...
+    def blob_done(self, digest: str, size: int, sources: dict[str, int]) -> None: ...
     def plan(self, total_bytes: int, layers: int) -> None: ...
     def advance(self, nbytes: int) -> None: ...
     def skip(self, nbytes: int) -> None: ...

@@ -27,21 +27,17 @@ from dataclasses import dataclass, field
 
 from . import cowbase, intact, prune
 from .context import Landing, PullContext, PullSettings, store_root
-from .errors import CorruptLayerError, DigestMismatchError, ImageFormatError, StoreError
+from .current import resolve_manifest
+from .errors import CorruptLayerError, DigestMismatchError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
-    DOCKER_LIST,
-    OCI_INDEX,
     Descriptor,
     TartImage,
-    media_type_of,
     parse_manifest,
-    pick_from_index,
 )
 from .peer import fetch_from_peers
 from .progress import reporter
 from .reference import Reference, parse_reference
-from .registry.retry import retrying
 from .reuse import reuse_local
 from .staging import Staging, staged_blobs
 from .store import Store, translate_os_errors
@@ -82,25 +78,19 @@ class ResolvedImage:
 @translate_os_errors
 def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
     ref = parse_reference(reference)
-    client = ctx.client(ref)
-    got = retrying(lambda: client.get_manifest(ref.repository, ref.reference), ctx.policy)
-    if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
-        chosen = pick_from_index(got.raw)
-        got = retrying(lambda: client.get_manifest(ref.repository, chosen.digest), ctx.policy)
-        if media_type_of(got.raw, got.media_type) in (OCI_INDEX, DOCKER_LIST):
-            raise ImageFormatError(f"{ref}: an image index points to another index; not a Tart VM image")
-    image = parse_manifest(got.raw, got.digest)
-    ctx.store.put_manifest(got.digest, got.raw)
-    installed = _installed(ctx, ref, got.digest)
+    raw, manifest_digest = resolve_manifest(ctx, ref)
+    image = parse_manifest(raw, manifest_digest)
+    ctx.store.put_manifest(manifest_digest, raw)
+    installed = _installed(ctx, ref, manifest_digest)
     blobs: list[str] = []
     layers_pending = 0
     clone = cowbase.CloneSummary("", 0)
     if not installed:
-        _say_why_not_current(ctx, ref, got.digest)
+        _say_why_not_current(ctx, ref, manifest_digest)
         staging = Staging(ctx.store, image)
         # Prepared first: a disk that starts as a clone of a trusted base already has those
         # layers done, so they are neither fetched nor counted as space needed (cowbase.py).
-        staging.prepare(got.raw, ctx.cache)
+        staging.prepare(raw, ctx.cache)
         clone = cowbase.clone_summary(staging)
         blobs = [d.digest for d in image.blobs]
         pending = [d for d in blobs if not staging.is_verified(d)]
@@ -108,7 +98,7 @@ def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
         if ctx.settings.check_space:  # Tart-style auto-prune (prune.py)
             needed = prune.pull_peak(ctx.store, staging, image, pending, ctx.settings.concurrency)
             prune.make_room(ctx.cache, ctx.store, staging, ref, needed, ctx.settings.space_margin)
-    return ResolvedImage(str(ref), got.digest, installed, blobs, image.compressed_size, image.disk_size,
+    return ResolvedImage(str(ref), manifest_digest, installed, blobs, image.compressed_size, image.disk_size,
                          layers_pending, clone.cloned, clone.base, list(clone.blobs))
 
 

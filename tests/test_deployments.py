@@ -1,5 +1,8 @@
-"""The fleet as deployed: a real ``prefect server``, ``prefect deploy --all`` from this checkout,
-two runner workers (each its own TART_HOME) and a control worker on one machine."""
+"""The fleet as deployed with Prefect's own commands: a real ``prefect server``, ``prefect
+work-pool create`` and plain ``prefect --no-prompt deploy --all`` from this checkout with no
+extra variable, two runner workers started with ``prefect worker start`` in their own
+directories (each its own TART_HOME) and a control worker started by the convenience
+``python -m deployments.fleet runner``, on one machine."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.checks import fetchable_bytes
@@ -21,6 +25,7 @@ from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer, prefect_env
 from tests.support.registry import Registry
+from tests.test_operations import wait_for_events
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -45,27 +50,36 @@ class Fleet:
 
 
 def _worker(env: dict[str, str], queue: str, home: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A worker started in ``home`` (not the checkout), with no PYTHONPATH: it runs the flows of
+    the tartflow installed in its Python, as a runner set up by hand would."""
     worker_env = {**env, "PREFECT_HOME": str(home / "prefect"), "TART_HOME": str(home / "tart"),
                   "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                   "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    worker_env.pop("PYTHONPATH", None)
+    argv = ([sys.executable, "-m", "deployments.fleet", "runner", queue] if queue == "control" else
+            [PREFECT, "worker", "start", "--pool", "mac-runners", "--work-queue", queue, "--type", "process"])
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "deployments.fleet", "runner", queue],
-                                env={**worker_env, "PYTHONPATH": str(CHECKOUT)}, stdout=out,
-                                stderr=subprocess.STDOUT, cwd=home)
+        return subprocess.Popen(argv, env=worker_env, stdout=out, stderr=subprocess.STDOUT, cwd=home)
 
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("fleet")
     server = PrefectServer(root)
-    env = {**prefect_env(root / "client", server.api_url), "TARTFLOW_CHECKOUT": str(CHECKOUT),
-           "TARTFLOW_READ_TIMEOUT": "10"}
+    env = {**prefect_env(root / "client", server.api_url), "TARTFLOW_READ_TIMEOUT": "10"}
+    env.pop("TARTFLOW_CHECKOUT", None)
     workers: list[subprocess.Popen[bytes]] = []
     proxy = FaultProxy(registry.url).start()
     try:
-        setup = subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--egress-slots", "4"],
-                               env=env, capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
-        assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+        for command in (
+            ("work-pool", "create", "mac-runners", "--type", "process"),
+            *(("work-queue", "create", queue, "--pool", "mac-runners") for queue in RUNNERS),
+            ("gcl", "create", "tartflow-egress", "--limit", "4"),
+            ("--no-prompt", "deploy", "--all"),
+        ):
+            done = subprocess.run([PREFECT, *command], env=env, capture_output=True, text=True, timeout=300,
+                                  cwd=CHECKOUT)
+            assert done.returncode == 0, " ".join(command) + done.stdout[-3000:] + done.stderr[-3000:]
         homes = {name: root / name for name in (*RUNNERS, "control")}
         for name, home in homes.items():
             home.mkdir()
@@ -110,6 +124,42 @@ def _assert_on_every_runner(fleet: Fleet, image: BuiltImage) -> None:
         assert os.readlink(directory.parent / image.tag) == str(directory), runner
 
 
+def _assert_names_events_and_live_table(fleet: Fleet, image: BuiltImage) -> None:
+    """Child runs named ``<runner>: <reference>``; a pulled event per runner naming the image,
+    its digest and the runner's work queue; one prewarm.completed with the counts; the live
+    table's last state shows every pull completed at 100 %."""
+    api = fleet.server.api_url
+    ref = f"{fleet.proxy.host}/{image.repository}:{image.tag}"
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [f"{r}: {ref}" for r in RUNNERS]}}},
+                      timeout=30).json()
+    assert sorted(r["name"] for r in runs) == [f"{r}: {ref}" for r in RUNNERS]
+    pulled = wait_for_events(api, ["tartflow.image.pulled"], f"tartflow.image.{ref}", count=len(RUNNERS))
+    queues = set()
+    for event in pulled:
+        assert event["resource"]["tartflow.image.digest"] == image.manifest_digest
+        queues |= {r["prefect.resource.name"] for r in event["related"] if r["prefect.resource.role"] == "work-queue"}
+    assert queues == set(RUNNERS)
+    completed = wait_for_events(api, ["tartflow.prewarm.completed"])
+    assert completed and completed[0]["payload"] | {"pulls": 2, "completed": 2, "failed": 0} == completed[0]["payload"]
+    assert completed[0]["payload"]["images"] == [ref]
+    live = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["tartflow-prewarm"]}}},
+                      timeout=30).json()
+    tables = [table for a in live if "percent" in (table := json.loads(a["data"]))[0]]  # the live one
+    assert [sorted((row["runner"], row["state"], row["percent"]) for row in table) for table in tables] == [
+        [(r, "COMPLETED", 100.0) for r in RUNNERS]]
+
+
+def test_the_pull_step_says_what_to_do_when_the_flows_are_missing(tmp_path: Path) -> None:
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "__init__.py").write_text("")  # a `flows` package without tartflow's flows
+    done = subprocess.run([sys.executable, "-c", "from deployments.steps import installed_code; installed_code()"],
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("deployments.steps.CodeNotFound: tartflow's flows are not at") and "pip install" in last
+
+
 def vm_dir_at(tart_home: Path, host: str, image: BuiltImage) -> Path:
     return tart_home / "cache" / "OCIs" / host.replace(":", "%3A") / image.repository / image.manifest_digest
 
@@ -126,6 +176,7 @@ def test_prewarm_fills_every_runner_then_a_refresh_moves_only_the_changed_layer(
     _prewarm(fleet, first)
     _assert_on_every_runner(fleet, first)
     assert fleet.proxy.blob_bytes_served == 2 * fetchable_bytes(first)
+    _assert_names_events_and_live_table(fleet, first)
 
     # Next night: the tag moves to a version in which one disk layer changed.
     changed = tmp_path / "v2.img"
@@ -225,3 +276,20 @@ def test_pull_runs_publish_a_layer_table(fleet: Fleet, registry: Registry, tmp_p
             if row["image"] == ref]
     assert sorted(row["runner"] for row in rows) == sorted(RUNNERS)
     assert all(row["state"] == "COMPLETED" for row in rows), rows
+
+
+def test_the_fleet_convenience_is_idempotent_over_a_fleet_made_with_prefects_commands(fleet: Fleet) -> None:
+    images = '["example.invalid/acme/macos:v1"]'
+    setup = subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--images", images],
+                           env=fleet.env, capture_output=True, text=True, timeout=300, cwd=CHECKOUT)
+    assert setup.returncode == 0, setup.stdout[-3000:] + setup.stderr[-3000:]
+    code = (
+        "from prefect.variables import Variable\n"
+        "from prefect.client.orchestration import get_client\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    limit = c.read_global_concurrency_limit_by_name('tartflow-egress').limit\n"
+        "    pulls = c.read_deployment_by_name('pull-image/on-demand').pull_steps\n"
+        "print(Variable.get('tartflow-images'), limit, pulls)\n"
+    )
+    out = fleet.python(code)
+    assert "['example.invalid/acme/macos:v1'] 4 [{'deployments.steps.installed_code': {}}]" in out, out
