@@ -233,18 +233,37 @@ def test_a_small_blob_altered_in_the_store_is_never_placed(tmp_path: Path, name:
 
 # -- Tart's LRU order --------------------------------------------------------------------------
 
-def _vm_dir(path: Path) -> Path:
+def _vm_dir(path: Path, seed: int = 1) -> tuple[Path, str]:
+    """A staged VM that passes the install's intact check (tartflow/intact.py) and the digest
+    its manifest names it by."""
+    config, nvram, disk = b'{"seed": %d}' % seed, b"nvram-%d" % seed, bytes([seed]) * 4096
+
+    def blob(media: str, data: bytes, **annotations: str) -> dict[str, object]:
+        found = {"mediaType": media, "digest": _digest(data), "size": len(data)}
+        return {**found, "annotations": annotations} if annotations else found
+
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob("application/vnd.oci.image.config.v1+json", b"{}"),
+        "layers": [
+            blob("application/vnd.cirruslabs.tart.config.v1", config),
+            blob("application/vnd.cirruslabs.tart.disk.v2", b"compressed-%d" % seed, **{
+                "org.cirruslabs.tart.uncompressed-size": str(len(disk)),
+                "org.cirruslabs.tart.uncompressed-content-digest": _digest(disk)}),
+            blob("application/vnd.cirruslabs.tart.nvram.v1", nvram),
+        ],
+        "annotations": {"org.cirruslabs.tart.uncompressed-disk-size": str(len(disk))},
+    }).encode()
     path.mkdir(parents=True)
-    for name in ("config.json", "disk.img", "nvram.bin", "manifest.json"):
-        (path / name).write_bytes(name.encode())
-    return path
+    for name, data in (("config.json", config), ("disk.img", disk), ("nvram.bin", nvram), ("manifest.json", manifest)):
+        (path / name).write_bytes(data)
+    return path, _digest(manifest)
 
 
 def test_install_refreshes_the_access_time_tart_prunes_by(tmp_path: Path) -> None:
     cache = TartCache(tmp_path / "tart")
     ref = parse_reference("registry.test/acme/vm:v1")
-    digest = "sha256:" + "1" * 64
-    staging = _vm_dir(tmp_path / "tart" / "tartflow" / "staging" / "x")
+    staging, digest = _vm_dir(tmp_path / "tart" / "tartflow" / "staging" / "x")
     os.utime(staging, (1000, os.stat(staging).st_mtime))  # assembled long ago
     before = time.time() - 1
     target = cache.install(ref, digest, staging)
@@ -257,8 +276,11 @@ def test_install_refreshes_the_access_time_tart_prunes_by(tmp_path: Path) -> Non
 def test_a_moved_tag_sends_its_old_image_to_the_front_of_the_prune_queue(tmp_path: Path) -> None:
     cache = TartCache(tmp_path / "tart")
     ref = parse_reference("registry.test/acme/vm:v1")
-    first = cache.install(ref, "sha256:" + "1" * 64, _vm_dir(tmp_path / "tart" / "s1"))
-    second = cache.install(ref, "sha256:" + "2" * 64, _vm_dir(tmp_path / "tart" / "s2"))
+    staged, digest = _vm_dir(tmp_path / "tart" / "s1", seed=1)
+    first = cache.install(ref, digest, staged)
+    (first / ".explicitly-pulled").touch()  # also pulled by digest: Tart's collection keeps it
+    staged, digest = _vm_dir(tmp_path / "tart" / "s2", seed=2)
+    second = cache.install(ref, digest, staged)
     assert os.readlink(cache.repo_dir(ref) / "v1") == str(second)
     assert os.stat(first).st_atime == 0 and os.stat(second).st_atime > 0
 
@@ -326,7 +348,6 @@ def test_a_layer_being_written_is_not_written_again_meanwhile(tmp_path: Path) ->
 def test_install_waits_for_tarts_lock_on_the_host_directory(tmp_path: Path) -> None:
     cache = TartCache(tmp_path / "tart")
     ref = parse_reference("registry.test/acme/vm:v1")
-    staging = _vm_dir(tmp_path / "tart" / "s")
-    digest = "sha256:" + "4" * 64
+    staging, digest = _vm_dir(tmp_path / "tart" / "s")
     installed = _blocked_while_held(lambda: cache.host_lock(ref.host), lambda: cache.install(ref, digest, staging))
     assert installed == [cache.digest_dir(ref, digest)] and cache.current(ref, digest)
