@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from . import cowbase, intact, prune
 from .context import Landing, PullContext, PullSettings, store_root
 from .current import resolve_manifest
-from .errors import CorruptLayerError, DigestMismatchError, StoreError
+from .errors import CorruptLayerError, DigestMismatchError, InsufficientSpaceError, StoreError
 from .fetch import FetchResult, fetch_blob, waiting_note
 from .manifest import (
     Descriptor,
@@ -90,6 +90,7 @@ def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
         staging = Staging(ctx.store, image)
         # Prepared first: a disk that starts as a clone of a trusted base already has those
         # layers done, so they are neither fetched nor counted as space needed (cowbase.py).
+        fresh = not staging.dir.exists()
         staging.prepare(raw, ctx.cache)
         clone = cowbase.clone_summary(staging)
         blobs = [d.digest for d in image.blobs]
@@ -97,7 +98,12 @@ def resolve(ctx: PullContext, reference: str) -> ResolvedImage:
         layers_pending = sum(1 for i in range(len(image.disk_layers)) if not staging.layer_done(i))
         if ctx.settings.check_space:  # Tart-style auto-prune (prune.py)
             needed = prune.pull_peak(ctx.store, staging, image, pending, ctx.settings.concurrency)
-            prune.make_room(ctx.cache, ctx.store, staging, ref, needed, ctx.settings.space_margin)
+            try:
+                prune.make_room(ctx.cache, ctx.store, staging, ref, needed, ctx.settings.space_margin)
+            except InsufficientSpaceError:
+                if fresh:  # nothing was downloaded into it: a refusal leaves no staging VM behind
+                    staging.abandon()
+                raise
     return ResolvedImage(str(ref), manifest_digest, installed, blobs, image.compressed_size, image.disk_size,
                          layers_pending, clone.cloned, clone.base, list(clone.blobs))
 

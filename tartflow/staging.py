@@ -304,6 +304,13 @@ class Staging:
     def discard_state(self) -> None:
         shutil.rmtree(self.state, ignore_errors=True)
 
+    def abandon(self) -> None:
+        """Remove a staging VM that this pull has just created and that holds no downloaded
+        byte (a pull refused for space before fetching): a refusal leaves nothing behind."""
+        with self.locked():
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.discard_state()
+
 
 def _sync_data(fd: int) -> None:
     """fdatasync where there is one (Linux), else fsync (macOS)."""
