@@ -344,7 +344,7 @@ def _phase_reached(user: Tartflow, image: BuiltImage, phase: str, rng: random.Ra
     if phase == "fetch":
         target = rng.uniform(0.05, 0.9) * sum(layer["size"] for layer in image.disk_layers)
         return lambda: _resumable_bytes(user, image) >= target
-    if phase == "decode":
+    if phase == "decode-on-arrival":  # a layer being decoded as its bytes arrive (the download is on)
         return lambda: any(state.glob("layer-*.dirty"))
     return lambda: len(list(state.glob("layer-*.done"))) == layers  # every layer verified: assembly is next
 
@@ -354,7 +354,11 @@ def test_seeded_kill_points_always_end_byte_exact(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, seed: int
 ) -> None:
     rng = random.Random(seed)
-    phase = ("fetch", "decode", "assembly")[seed % 3]
+    """A kill while bytes arrive (``fetch``), while a layer is half decoded from the wire
+    (``decode-on-arrival``; a kill in the decode from the store is
+    ``test_kill_while_verify_decodes_from_the_store_then_resume_is_byte_exact``) or once every
+    layer is verified (``assembly``); the next pull ends byte-exact with nothing left in staging."""
+    phase = ("fetch", "decode-on-arrival", "assembly")[seed % 3]
     ref = ref_of(proxy, small_image)
     proxy.throttle(3_000_000 if phase == "fetch" else None)
     proc = user.start("pull", "--insecure", ref)
