@@ -130,9 +130,9 @@ def test_kill_while_verify_decodes_from_the_store_then_resume_is_byte_exact(
     the next pull decodes what is left from the same blobs, moves no disk layer over the wire,
     and lands byte-exact.
 
-    Mutant it catches: ``Staging._fill`` marking the layer done before ``decode_layer`` has
-    written and verified it (the killed layer stays half decoded under a done marker and the
-    VM installed is not the image)."""
+    Mutant it catches: ``verify`` dropping the stored blob as its decode starts rather than
+    once the layer is verified (the kill leaves a half-decoded layer whose blob is gone: the
+    resume fetches it again)."""
     ref = ref_of(proxy, medium_image)
     for layer in medium_image.disk_layers:
         blob = user.store / "blobs" / "sha256" / layer["digest"].split(":")[1]
