@@ -6,7 +6,6 @@ The machinery lives in ``tests/support``; this file only wires it to pytest's li
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer
 from tests.support.registry import Registry, start_registry
-from tests.support.taskruns import unexpected_failures
+from tests.support.taskruns import flow_run_ids, unexpected_failures
 
 SMALL_DISK_SIZE = 12 * 1024 * 1024 + 12345  # three full 4 MiB layers and a short fourth
 SMALL_LAYER_SIZE = 4 * 1024 * 1024
@@ -42,12 +41,12 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     ended Failed or Crashed, unless its ``task_failures`` marker expects that message: an error
     the command's exit code hides still fails the test (issue 20)."""
     servers = _servers(item)
-    since = datetime.now(timezone.utc) - timedelta(seconds=1)
+    before = {server.api_url: flow_run_ids(server.api_url) for server in servers}
     result = yield
     marker = item.get_closest_marker("task_failures")
     expected = marker.args if marker else ()
     for server in servers:
-        found = unexpected_failures(server.api_url, since, expected)
+        found = unexpected_failures(server.api_url, before[server.api_url], expected)
         if found:
             pytest.fail("task runs ended in an unexpected error:\n" + "\n".join(found), pytrace=False)
     return result
