@@ -93,6 +93,7 @@ def test_flipped_byte_is_caught_and_refetched(user: Tartflow, proxy: FaultProxy,
     assert proxy.blob_bytes_served == fetchable_bytes(small_image) + layer["size"]
 
 
+@pytest.mark.task_failures(r"DigestMismatchError: .*failed verification 3 times")
 def test_corrupt_blob_on_every_attempt_fails_with_one_line(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
 ) -> None:
@@ -138,6 +139,7 @@ def test_expired_cdn_redirect_goes_back_to_the_registry(
     assert "sig=" not in result.stderr and "se=" not in result.stderr  # ...without its query
 
 
+@pytest.mark.task_failures(r"InterruptedPull: pull interrupted")
 @pytest.mark.parametrize(("sig", "at"), [(signal.SIGINT, 0.40), (signal.SIGTERM, 0.55)])
 def test_signal_then_second_invocation_moves_at_most_110_percent(
     user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage, sig: signal.Signals, at: float
