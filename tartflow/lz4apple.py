@@ -238,9 +238,10 @@ class AppleLZ4Decoder:
             parsed = self._parsed
             if self._topping_up:
                 self._topping_up = False
-                del self._buf[:parsed]
                 self._offset += parsed
-                self._buf += mv[taken:]
+                # A new buffer, not a resize: views of the old one (the block the sink failed
+                # on) live on in the traceback, and resizing an exported bytearray raises BufferError.
+                self._buf = self._buf[parsed:] + mv[taken:]
             else:
                 self._offset += parsed
                 self._buf += mv[taken + parsed :]

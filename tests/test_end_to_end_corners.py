@@ -34,6 +34,7 @@ def _one_line_failure(result: subprocess.CompletedProcess[str]) -> str:
     return last
 
 
+@pytest.mark.task_failures(r"RetriesExhaustedError: .*503 ServerBusy")
 def test_retry_for_runs_out_with_one_line(user: Tartflow, proxy: FaultProxy, small_image: BuiltImage) -> None:
     """Every blob GET answers 503 ServerBusy; with ``--retry-for 3s`` the pull gives up soon
     after 3 s with one line naming the blob and the last error, and exit code 1.
@@ -53,6 +54,7 @@ def test_retry_for_runs_out_with_one_line(user: Tartflow, proxy: FaultProxy, sma
     assert not vm_dir(user, proxy.host, small_image.repository, small_image.manifest_digest).exists()
 
 
+@pytest.mark.task_failures(r"StoreError: .*different file systems")
 def test_store_on_another_file_system_is_refused(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, tmp_path: Path
 ) -> None:
@@ -170,6 +172,7 @@ def test_verify_decodes_a_layer_from_the_store(user: Tartflow, proxy: FaultProxy
     assert proxy.blob_bytes_served == fetchable_bytes(small_image) - layer["size"]
 
 
+@pytest.mark.task_failures(r"CorruptLayerError: .*corrupt")
 def test_verify_refuses_a_stored_layer_that_decodes_wrong(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, registry: Registry
 ) -> None:

@@ -93,6 +93,7 @@ def test_flipped_byte_is_caught_and_refetched(user: Tartflow, proxy: FaultProxy,
     assert proxy.blob_bytes_served == fetchable_bytes(small_image) + layer["size"]
 
 
+@pytest.mark.task_failures(r"DigestMismatchError: .*failed verification 3 times")
 def test_corrupt_blob_on_every_attempt_fails_with_one_line(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
 ) -> None:
@@ -138,6 +139,7 @@ def test_expired_cdn_redirect_goes_back_to_the_registry(
     assert "sig=" not in result.stderr and "se=" not in result.stderr  # ...without its query
 
 
+@pytest.mark.task_failures(r"InterruptedPull: pull interrupted")
 @pytest.mark.parametrize(("sig", "at"), [(signal.SIGINT, 0.40), (signal.SIGTERM, 0.55)])
 def test_signal_then_second_invocation_moves_at_most_110_percent(
     user: Tartflow, proxy: FaultProxy, medium_image: BuiltImage, sig: signal.Signals, at: float
@@ -279,6 +281,7 @@ def small_fs(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.task_failures(r"InsufficientSpaceError: not enough disk space")
 def test_not_enough_space_is_refused_before_fetching(
     small_fs: Path, tmp_path: Path, proxy: FaultProxy, medium_image: BuiltImage, prefect_server
 ) -> None:
@@ -289,9 +292,16 @@ def test_not_enough_space_is_refused_before_fetching(
     assert proxy.blob_bytes_served == 0
 
 
+@pytest.mark.task_failures(r"InsufficientSpaceError: out of disk space")
 def test_disk_full_mid_pull_keeps_what_was_fetched(
     small_fs: Path, tmp_path: Path, proxy: FaultProxy, medium_image: BuiltImage, prefect_server
 ) -> None:
+    """Another program fills the disk mid-pull: the pull fails with one line, keeps at least a
+    quarter of the bytes, and the next pull moves only the rest. Task runs may fail only with
+    the out-of-space error (read back from Prefect by conftest's check).
+
+    Mutant it catches: ``AppleLZ4Decoder.feed`` resizing its buffer in place when the sink fails
+    (the task runs whose ENOSPC hit a block completed in the buffer end in ``BufferError``)."""
     user = Tartflow(small_fs / "tart", tmp_path / "prefect", prefect_server.api_url)
     total = fetchable_bytes(medium_image)
     filler = small_fs / "filler"
@@ -344,7 +354,7 @@ def _phase_reached(user: Tartflow, image: BuiltImage, phase: str, rng: random.Ra
     if phase == "fetch":
         target = rng.uniform(0.05, 0.9) * sum(layer["size"] for layer in image.disk_layers)
         return lambda: _resumable_bytes(user, image) >= target
-    if phase == "decode":
+    if phase == "decode-on-arrival":  # a layer being decoded as its bytes arrive (the download is on)
         return lambda: any(state.glob("layer-*.dirty"))
     return lambda: len(list(state.glob("layer-*.done"))) == layers  # every layer verified: assembly is next
 
@@ -354,7 +364,11 @@ def test_seeded_kill_points_always_end_byte_exact(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage, seed: int
 ) -> None:
     rng = random.Random(seed)
-    phase = ("fetch", "decode", "assembly")[seed % 3]
+    """A kill while bytes arrive (``fetch``), while a layer is half decoded from the wire
+    (``decode-on-arrival``; a kill in the decode from the store is
+    ``test_kill_while_verify_decodes_from_the_store_then_resume_is_byte_exact``) or once every
+    layer is verified (``assembly``); the next pull ends byte-exact with nothing left in staging."""
+    phase = ("fetch", "decode-on-arrival", "assembly")[seed % 3]
     ref = ref_of(proxy, small_image)
     proxy.throttle(3_000_000 if phase == "fetch" else None)
     proc = user.start("pull", "--insecure", ref)

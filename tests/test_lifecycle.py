@@ -145,6 +145,7 @@ def _collect_in_another_process(settings: core.PullSettings, image: BuiltImage) 
 # --- Tart's lock, out loud ---------------------------------------------------------------------
 
 
+@pytest.mark.task_failures(r"InterruptedPull: pull interrupted")
 def test_waiting_for_tarts_lock_is_said_and_ctrl_c_ends_it(
     user: Tartflow, proxy: FaultProxy, small_image: BuiltImage
 ) -> None:
@@ -213,6 +214,7 @@ def _stacked_manifest(registry: Registry) -> bytes:
     return json.dumps(manifest).encode()
 
 
+@pytest.mark.task_failures(r"ImageFormatError: this is a stacked Tart image")
 def test_stacked_image_is_refused_naming_the_format(user: Tartflow, registry: Registry) -> None:
     raw = _stacked_manifest(registry)
     with pytest.raises(ImageFormatError, match="stacked"):

@@ -223,6 +223,35 @@ def test_a_sink_that_fails_leaves_a_state_to_resume_from(seed: int) -> None:
 
 
 @both
+def test_a_sink_that_fails_on_a_block_completed_from_the_buffer_raises_its_own_error() -> None:
+    """A compressed block cut between two feeds is completed in the decoder's buffer; the sink
+    fails on it (a full disk). The caller must see that OSError, not a BufferError from
+    resizing a buffer the failed block's views still pin (what the disk-full pull's task runs
+    ended in), and the decoder must still resume exactly.
+
+    Mutant it catches: the failure path resizing ``_buf`` in place (``del self._buf[:parsed]``;
+    ``self._buf += ...``) instead of building a new buffer."""
+    data = (b"tart disk block " * 20_000)[:200_000]
+    frame = encode_bytes(data, block_sizes=[50_000])
+    assert frame[:4] == b"bv41"  # compressed blocks: decoded from a view of the buffer
+    out = bytearray()
+    dec = AppleLZ4Decoder(len(data))
+    dec.feed(frame[:20], out.extend)  # a header and the start of the first block wait in the buffer
+
+    def full(piece) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as failed:
+        dec.feed(frame[20:], full)
+    assert failed.type is OSError and failed.value.errno == 28
+    state = dec.snapshot()
+    assert state.received == len(frame) and state.decoded == 0
+    resumed = AppleLZ4Decoder.resumed(len(data), state, b"", out.extend)
+    resumed.finish()
+    assert bytes(out) == data
+
+
+@both
 def test_one_byte_at_a_time() -> None:
     data = _mixed(random.Random(7), 40_000)
     frame = encode_bytes(data, block_sizes=[5000, 17, 9000], stored=lambda i: i % 3 == 2)
