@@ -150,6 +150,7 @@ def test_digest_dir_linked_to_junk_is_refused_and_outside_untouched(
     _untouched(junk, before)
 
 
+@pytest.mark.task_failures(r"CacheLayoutError: .* is a symbolic link")
 def test_linked_namespace_fails_in_one_line_and_nothing_is_written_outside(
     user: Tartflow, registry: Registry, small_image: BuiltImage, tmp_path: Path
 ) -> None:
