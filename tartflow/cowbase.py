@@ -37,7 +37,6 @@ blindly: only done markers written after the durable clone say a layer is verifi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Collection, Iterable
@@ -45,8 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cancel
 from .clone import CloneUnsupported, can_clone, clone_file, punch_hole, unshared_bytes
+from .disk import sha256_of
 from .errors import CorruptLayerError, TartflowError
 from .manifest import DiskLayer, TartImage, parse_manifest
 from .progress import reporter
@@ -62,7 +61,6 @@ __all__ = ["Base", "CloneSummary", "RefreshReport", "choose_base", "clone_summar
            "record_verified", "refresh_report", "start_from_clone", "verify_cloned"]
 
 PROVENANCE = "clone.json"
-_READ = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -249,14 +247,5 @@ def _cloned(staging: Staging) -> list[int]:
 
 
 def _check_digest(fd: int, layer: DiskLayer) -> None:
-    hasher = hashlib.sha256()
-    offset, left = layer.offset, layer.uncompressed_size
-    while left > 0:
-        data = os.pread(fd, min(_READ, left), offset)
-        if not data:
-            break
-        hasher.update(data)
-        offset, left = offset + len(data), left - len(data)
-        cancel.check()
-    if left or "sha256:" + hasher.hexdigest() != layer.uncompressed_digest:
+    if "sha256:" + sha256_of(fd, layer.offset, layer.uncompressed_size) != layer.uncompressed_digest:
         raise CorruptLayerError(f"bytes at offset {layer.offset} do not hash to {layer.uncompressed_digest[:19]}...")

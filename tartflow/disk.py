@@ -113,7 +113,7 @@ class LayerDecoder:
             return
         done = resume.decoder.decoded
         hasher = Sha256(resume.decoded_hash)
-        if _sha256_of(self.fd, self.layer.offset, done) != hasher.hexdigest():
+        if sha256_of(self.fd, self.layer.offset, done) != hasher.hexdigest():
             raise ValueError("the decoded bytes on disk are not those the checkpoint saw")
         window = os.pread(self.fd, min(WINDOW, done), self.layer.offset + done - min(WINDOW, done))
         self._writer = _Writer(self.layer, self.fd, self._dirty, what, hasher)
@@ -186,7 +186,9 @@ class _Writer:
 LayerWriter = _Writer
 
 
-def _sha256_of(fd: int, offset: int, length: int) -> str:
+def sha256_of(fd: int, offset: int, length: int) -> str:
+    """Hex sha256 of ``length`` bytes of ``fd`` at ``offset`` (fewer if the file ends first);
+    interruptible between reads, since it may read a whole layer."""
     hasher = hashlib.sha256()
     while length > 0:
         data = os.pread(fd, min(_READ, length), offset)
@@ -194,6 +196,7 @@ def _sha256_of(fd: int, offset: int, length: int) -> str:
             break
         hasher.update(data)
         offset, length = offset + len(data), length - len(data)
+        cancel.check()
     return hasher.hexdigest()
 
 
