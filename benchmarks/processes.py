@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import BenchError
+from tests.support.proctree import tree_cpu
 
 
 @dataclass
@@ -49,29 +50,7 @@ def _machine_busy() -> float | None:
 
 def _tree_cpu(pid: int | None) -> float | None:
     """CPU seconds used so far by ``pid`` and its live descendants (Linux /proc), else None."""
-    if pid is None or not Path("/proc/self/stat").exists():
-        return None
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        # fields[1] is ppid; utime, stime, cutime, cstime are fields 14-17 of stat (1-based).
-        stats[int(entry.name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / tick)
-    wanted, total, frontier = set(), 0.0, [pid]
-    while frontier:
-        current = frontier.pop()
-        if current in wanted or current not in stats:
-            continue
-        wanted.add(current)
-        total += stats[current][1]
-        frontier.extend(child for child, (ppid, _) in stats.items() if ppid == current)
-    return total if wanted else None
+    return None if pid is None else tree_cpu(pid)
 
 
 #: Runs commands for the benchmark and reports their rusage. It is a fresh, small interpreter

@@ -13,7 +13,6 @@ API requests from uvicorn's access log, rows written from ``pg_stat_user_tables`
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from tests.support import proctree
 from tests.support.postgres import Postgres, start_postgres
 from tests.support.prefectserver import PrefectServer, prefect_env
 
@@ -39,27 +39,7 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 
 def tree_cpu(pid: int) -> float:
     """CPU seconds of ``pid`` and its live descendants, including their reaped children."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        # fields[1] is the ppid; [11:15] are utime, stime, cutime, cstime (stat fields 14-17).
-        stats[int(entry.name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / tick)
-    total, seen, frontier = 0.0, set(), [pid]
-    while frontier:
-        current = frontier.pop()
-        if current in seen or current not in stats:
-            continue
-        seen.add(current)
-        total += stats[current][1]
-        frontier.extend(child for child, (ppid, _) in stats.items() if ppid == current)
-    return total
+    return proctree.tree_cpu(pid) or 0.0
 
 
 def route(path: str) -> str:
