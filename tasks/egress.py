@@ -1,10 +1,30 @@
 """The fleet's egress gate: a slot of a Prefect global concurrency limit held while a layer
 moves bytes over the network.
 
+Two requests per layer. Prefect's ``concurrency()`` costs four HTTP requests per block on
+the server (docs/scale.md, 97 % of a pull's requests): the slot, a lease renewal made the
+moment the slot is granted, the release, and a CSRF-token read by the fresh client each block
+opens. :func:`slot` asks the same endpoints with the task run's own client, so it makes:
+
+- ``increment-with-lease`` with a lease of :data:`LEASE` seconds (Prefect's default, so a
+  runner that dies holds its slot no longer than with ``concurrency()``); a 423 is waited out
+  for the ``Retry-After`` the server names, and a stop (Ctrl+C) ends the wait;
+- ``decrement-with-lease`` when the layer is done;
+- ``leases/{id}/renew`` only for a layer that takes longer than three quarters of the lease,
+  then again every three quarters of it, from a thread that sleeps until then.
+
+A limit that does not exist is not an error (a laptop has none): the layer runs ungated, and
+the answer is remembered for :data:`_ABSENT_FOR` seconds so an ungated pull does not ask for
+every layer. The slot is held by the task run (the lease's holder, shown by Prefect).
+
+Unlike ``concurrency()``, the gate emits no ``prefect.concurrency-limit.acquired/released``
+events: two events per layer with their resource rows, which nothing of ours reads; the
+limit's slots in use are on the server's Concurrency page and in ``prefect gcl inspect``.
+
 The gate is a courtesy to the registry's account, never a reason to lose a download. Measured
 with 16 runners on one server (docs/scale.md), taking a slot was refused with 423 and releasing
-one failed with 500 now and then; before this wrapper either error escaped ``fetch-layer`` and
-failed a pull whose bytes were already on disk. So:
+one failed with 500 now and then; before :func:`guarded` either error escaped ``fetch-layer``
+and failed a pull whose bytes were already on disk. So:
 
 - a slot that cannot be taken is a temporary error: the task's retries try again later;
 - a slot that cannot be released is logged and left to its lease, which expires on its own
@@ -14,22 +34,122 @@ failed a pull whose bytes were already on disk. So:
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from uuid import UUID
 
-from tartflow.errors import TartflowError
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.context import TaskRunContext
+from prefect.settings import PREFECT_API_URL
 
-__all__ = ["guarded"]
+from tartflow import cancel
+from tartflow.errors import InterruptedPull, TartflowError
+
+__all__ = ["LEASE", "guarded", "slot"]
 
 _log = logging.getLogger("tartflow.egress")
+
+#: Seconds a slot's lease lasts without renewal (the server allows 60 s to a day).
+LEASE = 300.0
+#: Share of the lease after which a slot still held is renewed.
+_RENEW_AT = 0.75
+#: Seconds between attempts after a failed renewal.
+_RENEW_RETRY = 5.0
+#: Seconds a limit found missing is not asked for again.
+_ABSENT_FOR = 30.0
+#: Bounds on a 423's Retry-After, whatever the server says.
+_WAIT_MIN, _WAIT_MAX = 0.2, 60.0
+
+_absent: dict[tuple[str, str], float] = {}
+_absent_lock = threading.Lock()
+
+
+@contextmanager
+def slot(name: str, *, lease: float = LEASE, renew_after: float | None = None) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit ``name`` for the body (see the module
+    docstring); ``renew_after`` (default three quarters of ``lease``) is for tests."""
+    key = (str(PREFECT_API_URL.value() or ""), name)
+    with _absent_lock:
+        known_absent = _absent.get(key, 0.0) > time.monotonic()
+    if known_absent:
+        yield
+        return
+    with get_client(sync_client=True) as client:  # inside a task run: the run's own client
+        lease_id = _take(client, name, lease)
+        if lease_id is None:
+            with _absent_lock:
+                _absent[key] = time.monotonic() + _ABSENT_FOR
+            yield
+            return
+        stop = threading.Event()
+        renewer = threading.Thread(target=_renew, args=(client, lease_id, lease, renew_after or lease * _RENEW_AT, stop),
+                                   name=f"egress-lease-{lease_id}", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join(timeout=5)
+            client.release_concurrency_slots_with_lease(lease_id=lease_id)
+
+
+def _take(client: SyncPrefectClient, name: str, lease: float) -> UUID | None:
+    """A granted slot's lease id, or None when the limit does not exist."""
+    context = TaskRunContext.get()
+    holder = ConcurrencyLeaseHolder(type="task_run", id=context.task_run.id) if context else None
+    while True:
+        try:
+            response = client.increment_concurrency_slots_with_lease(
+                names=[name], slots=1, mode="concurrency", lease_duration=lease, holder=holder)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code != 423:
+                raise
+            cancel.sleep(_retry_after(exc.response))
+            continue
+        granted = response.json()
+        if not granted.get("limits"):
+            return None
+        return UUID(str(granted["lease_id"]))
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        seconds = float(response.headers.get("Retry-After", "1"))
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, _WAIT_MIN), _WAIT_MAX) if seconds == seconds else 1.0  # NaN: 1 s
+
+
+def _renew(client: SyncPrefectClient, lease_id: UUID, lease: float, every: float, stop: threading.Event) -> None:
+    """Renew the lease every ``every`` seconds until ``stop``. A failed renewal is tried again
+    every few seconds while the lease may still be alive; after that it is logged and renewal
+    ends (the layer goes on; its slot may meanwhile be given to another runner)."""
+    due, expires = every, time.monotonic() + lease
+    while not stop.wait(due):
+        try:
+            client.renew_concurrency_lease(lease_id=lease_id, lease_duration=lease)
+        except Exception as exc:
+            if time.monotonic() + _RENEW_RETRY < expires:
+                due = _RENEW_RETRY
+                continue
+            _log.warning("egress slot: renewing its lease failed (%s); the layer goes on, but its slot "
+                         "may be given to another runner", type(exc).__name__)
+            return
+        due, expires = every, time.monotonic() + lease
 
 
 @contextmanager
 def guarded(name: str, take: Callable[[], AbstractContextManager[object]]) -> Iterator[None]:
     """Hold the slot ``take()`` gives for the body, with the failure rules above."""
-    slot = take()
+    held = take()
     try:
-        slot.__enter__()
+        held.__enter__()
+    except InterruptedPull:
+        raise
     except Exception as exc:
         raise TartflowError(
             f"egress limit {name!r}: the Prefect server did not grant a slot ({type(exc).__name__}); "
@@ -38,14 +158,14 @@ def guarded(name: str, take: Callable[[], AbstractContextManager[object]]) -> It
     try:
         yield
     except BaseException as exc:
-        _release(name, slot, exc)
+        _release(name, held, exc)
         raise
-    _release(name, slot, None)
+    _release(name, held, None)
 
 
-def _release(name: str, slot: AbstractContextManager[object], exc: BaseException | None) -> None:
+def _release(name: str, held: AbstractContextManager[object], exc: BaseException | None) -> None:
     try:
-        slot.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+        held.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
     except Exception as failure:
         if failure is exc:  # the body's own error coming back through the slot: not ours to log
             return

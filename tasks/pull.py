@@ -25,14 +25,13 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 
 from tartflow import pull as core
 from tartflow.errors import TartflowError
 from tartflow.fetch import FetchResult
 from tartflow.pull import PullContext, PullSettings, ResolvedImage
-from tasks.egress import guarded
+from tasks.egress import guarded, slot
 
 __all__ = ["CACHE_PREFIX", "assemble_vm", "fetch_layer", "fetch_manifest", "is_temporary", "verify_digest"]
 
@@ -76,12 +75,13 @@ def fetch_layer(
     settings: PullSettings, reference: str, manifest_digest: str, digest: str, egress_limit: str | None = None
 ) -> FetchResult:
     """Fetch one blob; while it moves bytes over the network it holds a slot of the global
-    concurrency limit ``egress_limit`` (if that limit exists), so a fleet bounds its egress."""
+    concurrency limit ``egress_limit`` (if that limit exists), so a fleet bounds its egress
+    (``tasks.egress.slot``: two requests per layer, where Prefect's ``concurrency()`` makes four)."""
 
     def gate() -> AbstractContextManager[object]:
         if not egress_limit:
             return nullcontext()
-        return guarded(egress_limit, lambda: concurrency(egress_limit, occupy=1, strict=False))
+        return guarded(egress_limit, lambda: slot(egress_limit))
 
     return core.fetch(PullContext.build(settings), reference, manifest_digest, digest, gate=gate)
 

@@ -8,12 +8,13 @@ import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.fleetsim import CHECKOUT, ScaleServer, run_wave
+from tests.support.fleetsim import CHECKOUT, EGRESS_LIMIT, ScaleServer, run_wave
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.postgres import Postgres
 from tests.support.prefectserver import PrefectServer, prefect_env
@@ -114,6 +115,14 @@ def test_four_runners_pulling_at_once_all_complete(postgres: Postgres, registry:
             assert Path(runner.data["path"], "disk.img").read_bytes() == image.disk_path.read_bytes()
         # The harness's two views of the load agree: every request a client timed, the server logged.
         assert after.request_count == len(wave.latencies) > 0
+        # The egress gate (tasks/egress.py): per fetched layer one slot taken and one released,
+        # no lease renewal for a short layer, the CSRF token read once per client, not per layer.
+        gate = Counter({(path.rsplit("/", 1)[-1], status): n for (_, path, status), n in after.requests.items()
+                        if "/concurrency_limits/" in path or path.endswith("/csrf-token")})
+        assert gate["increment-with-lease", 200] == gate["decrement-with-lease", 204] == tasks["fetch-layer"]
+        assert sum(n for (route, _), n in gate.items() if route == "renew") == 0
+        assert sum(n for (route, _), n in gate.items() if route == "csrf-token") <= 3 * 4, gate
+        assert server.api("GET", f"/v2/concurrency_limits/{EGRESS_LIMIT}")["active_slots"] == 0
         assert after.rows is not None and after.rows > 0
     finally:
         server.stop()
