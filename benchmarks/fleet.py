@@ -8,7 +8,8 @@ Run from the repository root::
 All on loopback: a CNCF distribution registry behind the counting fault proxy (tests/support),
 one real ``prefect server``, ``deployments.fleet setup`` from this checkout, ``--runners``
 runners started with ``python -m deployments.fleet runner NAME --serve 127.0.0.1:PORT`` (each its
-own ``TART_HOME``, worker and peer port) and a control worker. It then measures:
+own ``TART_HOME``, worker and peer port) and a control worker, as ``tests/support/runnerfleet.py``
+starts them for the tests too. It then measures:
 
 - one runner's cold pull alone (``tartflow pull`` into a fresh ``TART_HOME``, the same server);
 - the N-runner prewarm (``prefect deployment run prewarm-fleet/fleet --watch``), wall time from
@@ -35,7 +36,8 @@ from pathlib import Path
 from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer, prefect_env
-from tests.support.registry import free_port, start_registry
+from tests.support.registry import start_registry
+from tests.support.runnerfleet import RunnerFleet, run_python, runner_fleet, wait_serving
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -45,33 +47,6 @@ TOKEN = "benchmark-peer-token"
 
 def log(text: str) -> None:
     print(f"[fleet-bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-def _python(env: dict[str, str], code: str) -> str:
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=CHECKOUT, check=True).stdout
-
-
-def _start_runner(env: dict[str, str], name: str, home: Path, serve: bool) -> subprocess.Popen[bytes]:
-    home.mkdir(parents=True)
-    runner_env = {**env, "PREFECT_HOME": str(home / "prefect"), "TART_HOME": str(home / "tart"),
-                  "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
-                  "PREFECT_RUNNER_POLL_FREQUENCY": "1", "TARTFLOW_PEER_TOKEN": TOKEN, "PYTHONPATH": str(CHECKOUT)}
-    serving = ["--serve", f"127.0.0.1:{free_port()}"] if serve else []
-    out = open(home / "runner.log", "wb")  # noqa: SIM115 - lives as long as the runner
-    return subprocess.Popen([sys.executable, "-m", "deployments.fleet", "runner", name, *serving],
-                            env=runner_env, stdout=out, stderr=subprocess.STDOUT, cwd=home)
-
-
-def _wait_serving(env: dict[str, str], runners: Sequence[str]) -> None:
-    code = ("from flows.prewarm import live_runners; from flows.peering import registered_peers\n"
-            "print(','.join(sorted(set(live_runners()) & set(registered_peers()))))")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if set(_python(env, code).strip().split(",")) >= set(runners):
-            return
-        time.sleep(2)
-    raise RuntimeError("runners never came up serving and polling")
 
 
 def _sources(env: dict[str, str]) -> dict[str, float]:
@@ -85,7 +60,7 @@ def _sources(env: dict[str, str]) -> dict[str, float]:
         "    print(json.dumps([a.data for a in arts]))\n"
     )
     totals = {"peer MB": 0.0, "fetched MB": 0.0, "reused MB": 0.0}
-    for table in json.loads(_python(env, code)):
+    for table in json.loads(run_python(env, code)):
         rows = json.loads(table) if isinstance(table, str) else table
         for row in rows:
             for key in totals:
@@ -101,43 +76,28 @@ def _check_vm(home: Path, host: str, image: BuiltImage) -> None:
 
 def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="fleet-bench-", dir=args.workdir))
-    children: list[subprocess.Popen[bytes]] = []
-    # Everything started is stopped however the run ends, children first.
+    runners = [f"runner-{i}" for i in range(args.runners)]
+    # Everything started is stopped however the run ends, runners first.
     with contextlib.ExitStack() as stack:
         registry = stack.enter_context(start_registry(root / "registry"))
         proxy = stack.enter_context(FaultProxy(registry.url))
         (root / "server").mkdir()
         server = PrefectServer(root / "server")
         stack.callback(server.stop)
-        stack.callback(_stop, children)
-        return _measure(args, root, children, proxy, server, registry.url)
+        fleet = stack.enter_context(runner_fleet(root, server.api_url, runners, token=TOKEN, egress_slots=8))
+        return _measure(args, root, fleet, proxy, server, registry.url)
     raise AssertionError("unreachable")
 
 
-def _stop(children: list[subprocess.Popen[bytes]]) -> None:
-    for child in children:
-        child.terminate()
-    for child in children:
-        try:
-            child.wait(30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-
-
-def _measure(args: argparse.Namespace, root: Path, children: list[subprocess.Popen[bytes]], proxy: FaultProxy,
-             server: PrefectServer, registry_url: str) -> int:
-    env = {**prefect_env(root / "client", server.api_url), "TARTFLOW_CHECKOUT": str(CHECKOUT)}
+def _measure(args: argparse.Namespace, root: Path, fleet: RunnerFleet, proxy: FaultProxy, server: PrefectServer,
+             registry_url: str) -> int:
+    env, runners = fleet.env, list(fleet.runners)
     disk = root / "disk.img"
     make_disk(disk, args.disk_mib * 1024 * 1024, seed=16)
     image = build_and_push(registry_url, "bench/fleet", "v1", disk, layer_size=args.layer_mib * 1024 * 1024)
     compressed = image.total_compressed - int(image.manifest["config"]["size"])
     log(f"image: {args.disk_mib} MiB disk, {compressed / 1e6:.1f} MB compressed")
-    subprocess.run([sys.executable, "-m", "deployments.fleet", "setup", "--egress-slots", "8"], env=env,
-                   cwd=CHECKOUT, check=True, capture_output=True, timeout=600)
-    runners = [f"runner-{i}" for i in range(args.runners)]
-    for name in [*runners, "control"]:
-        children.append(_start_runner(env, name, root / name, serve=name != "control"))
-    _wait_serving(env, runners)
+    wait_serving(env, runners, timeout=300, interval=2)
     ref = f"{proxy.host}/{image.repository}:{image.tag}"
 
     solo = root / "solo"
@@ -158,7 +118,7 @@ def _measure(args: argparse.Namespace, root: Path, children: list[subprocess.Pop
         raise RuntimeError(f"prewarm failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
     upstream = proxy.blob_bytes_served
     for name in runners:
-        _check_vm(root / name, proxy.host, image)
+        _check_vm(fleet.homes[name], proxy.host, image)
     sources = _sources(env)
     print(f"runners: {args.runners}, seeds: {args.seeds}, image {compressed / 1e6:.1f} MB compressed, "
           f"{args.disk_mib} MiB disk")
