@@ -11,8 +11,9 @@ tests spawn run the mutated code too), and puts the file back.
 
 A mutation *survives* when its tests all pass with it applied: the property is untested.
 Exit status: 0 when every mutation was killed, 1 when any survived, 2 when the table is stale
-(an ``old`` text is no longer found exactly once: fix the entry, never drop it silently) or the
-unmutated tests already fail (``--baseline``, the default).
+(an ``old`` text is no longer found exactly once, or a named test is gone: fix the entry, never
+drop it silently) or the unmutated tests already fail (``--baseline``, the default). The suite
+checks the table for staleness on every run (``tests/test_mutation_table.py``).
 
 Runs on demand, not in CI (it runs the named tests once per mutation):
 
@@ -78,9 +79,17 @@ def load_table(directory: Path = TABLE) -> list[Mutation]:
 
 
 def stale_entries(mutations: list[Mutation], root: Path) -> list[str]:
-    """Entries whose ``old`` text is not found exactly once (or whose file is gone)."""
+    """Entries whose ``old`` text is not found exactly once (or whose file is gone), or that
+    name a test file or test function that no longer exists (it would run nothing, and the
+    mutation would look like a survivor for the wrong reason)."""
     problems = []
     for m in mutations:
+        for node in m.tests:
+            test_file, _, test = node.partition("::")
+            if not (root / test_file).is_file():
+                problems.append(f"{m.name} ({m.source}): its test file {test_file} does not exist")
+            elif test and f"def {test.split('[', 1)[0]}(" not in (root / test_file).read_text():
+                problems.append(f"{m.name} ({m.source}): {test_file} has no test {test}")
         path = root / m.file
         if not path.is_file():
             problems.append(f"{m.name} ({m.source}): {m.file} does not exist")
