@@ -9,7 +9,8 @@ opens. :func:`slot` asks the same endpoints with the task run's own client, so i
 - ``increment-with-lease`` with a lease of :data:`LEASE` seconds (Prefect's default, so a
   runner that dies holds its slot no longer than with ``concurrency()``); a 423 is waited out
   for the ``Retry-After`` the server names, one asker per process at a time, and a stop
-  (Ctrl+C) ends the wait;
+  (Ctrl+C) ends the wait; the pull says it is waiting for the fleet's limit (at most once a
+  minute), so a stalled-looking pull explains itself;
 - ``decrement-with-lease`` when the layer is done;
 - ``leases/{id}/renew`` only for a layer that takes longer than three quarters of the lease,
   then again every three quarters of it, from a thread that sleeps until then.
@@ -49,6 +50,7 @@ from prefect.settings import PREFECT_API_URL
 
 from tartflow import cancel
 from tartflow.errors import InterruptedPull, TartflowError
+from tartflow.progress import reporter
 
 __all__ = ["LEASE", "guarded", "slot"]
 
@@ -67,9 +69,12 @@ _WAIT_MIN, _WAIT_MAX = 0.2, 60.0
 
 #: Seconds between checks for a stop while waiting for this process's turn to ask.
 _TICK = 0.5
+#: Least seconds between two announcements that a limit is full.
+_ANNOUNCE_EVERY = 60.0
 
 _absent: dict[tuple[str, str], float] = {}
 _turns: dict[tuple[str, str], threading.Lock] = {}
+_announced: dict[str, float] = {}
 _lock = threading.Lock()
 
 
@@ -137,12 +142,26 @@ def _take(client: SyncPrefectClient, name: str, lease: float) -> UUID | None:
         except httpx.HTTPStatusError as exc:
             if exc.response.status_code != 423:
                 raise
-            cancel.sleep(_retry_after(exc.response))
+            wait = _retry_after(exc.response)
+            _announce(name, wait)
+            cancel.sleep(wait)
             continue
         granted = response.json()
         if not granted.get("limits"):
             return None
         return UUID(str(granted["lease_id"]))
+
+
+def _announce(name: str, wait: float) -> None:
+    """Say why the pull is not moving (terminal, ``--json``, the run's log), at most once per
+    :data:`_ANNOUNCE_EVERY` seconds per limit and process: a stall should explain itself, and a
+    thousand waiting runners should not flood the server's logs."""
+    now = time.monotonic()
+    with _lock:
+        if now - _announced.get(name, -_ANNOUNCE_EVERY) < _ANNOUNCE_EVERY:
+            return
+        _announced[name] = now
+    reporter().waiting(f"every slot of the fleet's egress limit {name!r} is in use", wait)
 
 
 def _retry_after(response: httpx.Response) -> float:

@@ -25,6 +25,7 @@ from prefect.context import SyncClientContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tartflow.errors import TartflowError
+from tartflow.progress import Reporter, set_reporter
 from tasks.egress import guarded, slot
 from tasks.pull import is_temporary
 from tests.support.fleetsim import ScaleServer
@@ -158,6 +159,16 @@ def test_a_missing_limit_lets_layers_through_and_is_asked_once(logged: ScaleServ
     assert settled(logged, before, 1)[(GATE_ROUTES[0], 200)] == 1
 
 
+class Waits(Reporter):
+    """Records what a pull would tell its user about waiting."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def waiting(self, reason: str, seconds: float) -> None:
+        self.reasons.append(reason)
+
+
 @pytest.mark.timeout(120)  # a slot never given back would hold the next for its 300 s lease
 def test_a_full_limit_is_waited_for_not_exceeded(logged: ScaleServer) -> None:
     name = limit(logged, "gate-full", 1)
@@ -174,12 +185,18 @@ def test_a_full_limit_is_waited_for_not_exceeded(logged: ScaleServer) -> None:
     other = threading.Thread(target=first)
     other.start()
     assert first_in.wait(30)
-    with client_of(logged):
-        before = logged.requests()
-        with slot(name):
-            events.append("second in")
-            assert slots_in_use(logged, name) == 1
+    said = Waits()
+    previous = set_reporter(said)
+    try:
+        with client_of(logged):
+            before = logged.requests()
+            with slot(name):
+                events.append("second in")
+                assert slots_in_use(logged, name) == 1
+    finally:
+        set_reporter(previous)
     other.join(30)
     assert events == ["first in", "first out", "second in"]
+    assert said.reasons == [f"every slot of the fleet's egress limit {name!r} is in use"]  # once, not per 423
     assert settled(logged, before, 3)[(GATE_ROUTES[0], 423)] >= 1  # refused, then waited out
     assert slots_in_use(logged, name) == 0
