@@ -45,7 +45,7 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.context import TaskRunContext
+from prefect.context import SyncClientContext, TaskRunContext
 from prefect.settings import PREFECT_API_URL
 
 from tartflow import cancel
@@ -86,7 +86,7 @@ def slot(name: str, *, lease: float = LEASE, renew_after: float | None = None) -
     if _known_absent(key):
         yield
         return
-    with get_client(sync_client=True) as client:  # inside a task run: the run's own client
+    with _client() as client:
         lease_id = _granted(client, key, lease)
         if lease_id is None:
             yield
@@ -101,6 +101,20 @@ def slot(name: str, *, lease: float = LEASE, renew_after: float | None = None) -
             stop.set()
             renewer.join(timeout=5)
             client.release_concurrency_slots_with_lease(lease_id=lease_id)
+
+
+@contextmanager
+def _client() -> Iterator[SyncPrefectClient]:
+    """The task run's own client, used as it is: its engine opened it and closes it. Entering
+    it again here (``with get_client()``) would count its users from several download threads
+    at once, unlocked, and a lost count closes it under the others. Outside a run, a client of
+    its own."""
+    context = SyncClientContext.get()
+    if context is not None and context.client is not None:
+        yield context.client
+        return
+    with get_client(sync_client=True) as client:
+        yield client
 
 
 def _known_absent(key: tuple[str, str]) -> bool:
