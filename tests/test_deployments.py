@@ -140,8 +140,7 @@ def _assert_names_events_and_live_table(fleet: Fleet, image: BuiltImage) -> None
         queues |= {r["prefect.resource.name"] for r in event["related"] if r["prefect.resource.role"] == "work-queue"}
     assert queues == set(RUNNERS)
     # Other tests of this module prewarm other images on the same server: keep this image's.
-    completed = [e for e in wait_for_events(api, ["tartflow.prewarm.completed"])
-                 if e["payload"]["images"] == [ref]]
+    completed = wait_for_events(api, ["tartflow.prewarm.completed"], where=lambda e: e["payload"]["images"] == [ref])
     assert len(completed) == 1
     assert completed[0]["payload"] | {"pulls": 2, "completed": 2, "failed": 0} == completed[0]["payload"]
     live = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": ["tartflow-prewarm"]}}},

@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,13 @@ def read_events(api_url: str, names: list[str], resource_id: str | None = None) 
     return events
 
 
-def wait_for_events(api_url: str, names: list[str], resource_id: str | None = None, count: int = 1) -> list[dict[str, Any]]:
+def wait_for_events(api_url: str, names: list[str], resource_id: str | None = None, count: int = 1,
+                    where: Callable[[dict[str, Any]], bool] = lambda event: True) -> list[dict[str, Any]]:
+    """Events stored so far (waiting up to 60 s for ``count`` of them); ``where`` keeps only the
+    wanted ones before counting, so an older run's events cannot end the wait early."""
     deadline = time.monotonic() + 60
     while True:
-        found = read_events(api_url, names, resource_id)
+        found = [event for event in read_events(api_url, names, resource_id) if where(event)]
         if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
