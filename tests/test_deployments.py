@@ -25,6 +25,7 @@ from tests.support.faultproxy import FaultProxy
 from tests.support.imagebuilder import BuiltImage, build_and_push, make_disk
 from tests.support.prefectserver import PrefectServer, prefect_env
 from tests.support.registry import Registry
+from tests.support.runnerfleet import run_python, stop_children
 from tests.test_operations import wait_for_events
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -44,9 +45,7 @@ class Fleet:
                               timeout=timeout, cwd=CHECKOUT)
 
     def python(self, code: str) -> str:
-        done = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True,
-                              timeout=120, cwd=CHECKOUT, check=True)
-        return done.stdout
+        return run_python(self.env, code)
 
 
 def _worker(env: dict[str, str], queue: str, home: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -87,14 +86,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Itera
         yield Fleet(server, {r: homes[r] / "tart" for r in RUNNERS}, env, proxy)
     finally:
         proxy.stop()
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        stop_children(workers, grace=20)
         server.stop()
 
 

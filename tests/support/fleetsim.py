@@ -28,6 +28,7 @@ import httpx
 from tests.support import proctree
 from tests.support.postgres import Postgres, start_postgres
 from tests.support.prefectserver import PrefectServer, prefect_env
+from tests.support.taskruns import task_runs_of
 
 __all__ = ["Counters", "RunnerResult", "ScaleServer", "Wave", "percentile", "run_wave", "tree_cpu"]
 
@@ -132,16 +133,9 @@ class ScaleServer:
         return {run["id"]: (run["state"] or {}).get("type", "NONE") for run in runs}
 
     def task_runs(self, ids: list[str]) -> Counter[str]:
-        """Task runs of these flow runs, by task name (read back from the API)."""
-        names: Counter[str] = Counter()
-        offset = 0
-        while True:
-            page = self.api("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": ids}}, "limit": 200,
-                                                          "offset": offset})
-            names.update(run["name"].rsplit("-", 1)[0] for run in page)  # "fetch-layer-a1b" -> "fetch-layer"
-            if len(page) < 200:
-                return names
-            offset += 200
+        """Task runs of these flow runs, by task name (read back from the API; the run
+        ``fetch-layer-a1b`` counts as ``fetch-layer``)."""
+        return Counter(run["name"].rsplit("-", 1)[0] for run in task_runs_of(self.api_url, ids))
 
     def stop(self) -> None:
         self.prefect.stop()
